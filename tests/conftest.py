@@ -1,0 +1,91 @@
+"""Fixtures shared by all test modules: the real sample, a throwaway copy of the repository, dvc/git runners."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Set before anything imports timm/huggingface_hub/dvc, and inherited by every subprocess: a mistaken hub
+# download fails at once instead of hanging, and dvc never phones home from tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+
+SAMPLE_DIR = Path(os.environ.get("ORACLE_MNIST_SAMPLE", REPO.parent / "shared/data/oracle-mnist-sample"))
+
+# Shrunken settings for tests that run the pipeline: same code, less work.
+TEST_PARAMS: dict[str, Any] = {}
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    """The real Oracle-MNIST sample (2,000 train / 400 test images, idx format), never modified."""
+    if not (SAMPLE_DIR / "train-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"Oracle-MNIST sample not found at {SAMPLE_DIR}; set ORACLE_MNIST_SAMPLE")
+    return SAMPLE_DIR
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite repo/params.yaml with `overrides` deep-merged in; returns the new params."""
+    path = repo / "params.yaml"
+    params = deep_merge(yaml.safe_load(path.read_text(encoding="utf-8")), overrides)
+    path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return params
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+        )
+    return proc
+
+
+def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=repo, check=check, timeout=timeout)
+
+
+def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run(["git", *args], cwd=repo, check=check)
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path, sample_dir: Path) -> Path:
+    """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
+    params pointing at the real sample and shrunken by TEST_PARAMS, committed as its first commit."""
+    files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
+    dest = tmp_path / "repo"
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, TEST_PARAMS))
+    git(dest, "init", "-q", "-b", "main")
+    git(dest, "config", "user.email", "test@example.com")
+    git(dest, "config", "user.name", "test")
+    git(dest, "add", "-A")
+    git(dest, "commit", "-q", "-m", "test copy")
+    return dest
