@@ -1,0 +1,129 @@
+"""The model factory over timm and the saved-model format that training writes and serving reads."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.fsutil import atomic_path
+
+FORMAT_VERSION = 1
+
+# Largest input size tried when looking for the smallest one a model accepts (timm's ImageNet models all
+# work at 224; nothing in this project should need more).
+_MAX_PROBE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """Everything needed to use a saved model on its own: what it is, what it expects, where it came from."""
+
+    model_name: str
+    class_names: tuple[str, ...]
+    image_size: int
+    mean: float
+    std: float
+    data_hash: str
+    params_hash: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    epoch: int = 0
+
+
+def _accepts(model: nn.Module, size: int) -> bool:
+    """Whether a forward pass at `size` x `size` works (eval mode: BatchNorm accepts a batch of one)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 1, size, size))
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        model.train(was_training)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    image_size: int,
+    pretrained: bool = False,
+    weights_file: str | None = None,
+) -> nn.Module:
+    """A timm model for 1-channel `image_size` inputs and `num_classes` outputs.
+
+    With `pretrained`, weights come from timm's own source (needs internet) or, when `weights_file` is given,
+    from that local file; timm adapts the first convolution to 1 channel and replaces the classifier.
+    """
+    if not timm.is_model(name):
+        raise OracleMnistError(f"model: {name!r} is not a timm model name (see timm.list_models())")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1, "pretrained": pretrained}
+    if pretrained and weights_file is not None:
+        if not Path(weights_file).is_file():
+            raise OracleMnistError(f"train.weights_file: {weights_file} does not exist")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_file)}
+    try:
+        model = timm.create_model(name, **kwargs)
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        source = weights_file or "timm's download (offline? set train.weights_file)"
+        raise OracleMnistError(
+            f"model {name!r}: could not load pretrained weights from {source}: {exc}"
+        ) from exc
+    if not _accepts(model, image_size):
+        needed = next((s for s in range(image_size + 1, _MAX_PROBE_SIZE + 1) if _accepts(model, s)), None)
+        hint = f"featurize.image_size: {needed} or more" if needed else f"more than {_MAX_PROBE_SIZE}"
+        raise OracleMnistError(
+            f"model {name!r} cannot take {image_size}x{image_size} inputs; it needs {hint} "
+            f"(e.g. dvc exp run -S model={name} -S featurize.image_size={needed or 224})"
+        )
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DistributedDataParallel (or similar `.module`) wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def save_model(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
+    """Write weights (on CPU) and metadata atomically; `load_model` reads them back with weights_only."""
+    state_dict = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+    payload = {"format_version": FORMAT_VERSION, "meta": asdict(meta), "state_dict": state_dict}
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Rebuild a saved model in eval mode on `device`, with its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise OracleMnistError(f"{path}: model file not found (run `dvc repro train` or `dvc pull`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise OracleMnistError(f"{path}: not a readable model file: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+        version = payload.get("format_version") if isinstance(payload, dict) else None
+        raise OracleMnistError(
+            f"{path}: unsupported model format_version {version!r} (need {FORMAT_VERSION})"
+        )
+    raw_meta = payload.get("meta")
+    known = {f.name for f in dataclasses.fields(ModelMeta)}
+    if not isinstance(raw_meta, dict) or not known >= set(raw_meta):
+        raise OracleMnistError(f"{path}: model metadata is missing or has unknown fields")
+    try:
+        meta = ModelMeta(**{**raw_meta, "class_names": tuple(raw_meta["class_names"])})
+    except (TypeError, KeyError) as exc:
+        raise OracleMnistError(f"{path}: model metadata is incomplete: {exc}") from exc
+    model = build_model(meta.model_name, len(meta.class_names), meta.image_size)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except (RuntimeError, KeyError) as exc:
+        raise OracleMnistError(f"{path}: weights do not fit model {meta.model_name!r}: {exc}") from exc
+    return model.to(device).eval(), meta

@@ -1,0 +1,98 @@
+"""models.py: the timm factory (sizes, pretrained from a local file) and the saved-model round trip."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import timm
+import torch
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.models import ModelMeta, build_model, load_model, save_model
+
+META = ModelMeta(
+    model_name="resnet18",
+    class_names=("big", "sun", "moon", "cattle", "next", "field", "not", "arrow", "time", "wood"),
+    image_size=28,
+    mean=0.25,
+    std=0.3,
+    data_hash="d" * 64,
+    params_hash="p" * 64,
+    metrics={"val_acc": 0.9},
+    epoch=3,
+)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_small_100", "efficientnet_b0"])
+def test_build_model_gives_one_channel_in_and_class_logits_out(name):
+    model = build_model(name, num_classes=10, image_size=28).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 10)
+
+
+def test_build_model_names_the_image_size_a_model_needs():
+    with pytest.raises(OracleMnistError, match=r"'convnext_atto' cannot take 28x28.*image_size: 32 or more"):
+        build_model("convnext_atto", num_classes=10, image_size=28)
+    assert build_model("convnext_atto", num_classes=10, image_size=32).training
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(OracleMnistError, match="'resnet_nope' is not a timm model"):
+        build_model("resnet_nope", num_classes=10, image_size=28)
+
+
+def test_pretrained_from_local_file_is_adapted_to_one_channel_and_new_classes(tmp_path):
+    # An ImageNet-shaped checkpoint (3 input channels, 1000 classes), as timm's own download would give.
+    torch.manual_seed(0)
+    source = timm.create_model("resnet10t", num_classes=1000, in_chans=3)
+    weights = tmp_path / "resnet10t.pth"
+    torch.save(source.state_dict(), weights)
+
+    model = build_model("resnet10t", 10, 28, pretrained=True, weights_file=str(weights))
+
+    first = source.state_dict()["conv1.0.weight"]
+    # timm adapts RGB to grey by summing the filters over the input channels.
+    torch.testing.assert_close(model.state_dict()["conv1.0.weight"], first.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(
+        model.state_dict()["layer4.0.conv2.weight"], source.state_dict()["layer4.0.conv2.weight"]
+    )
+    assert model.state_dict()["fc.weight"].shape == (10, 512)
+
+
+def test_pretrained_with_missing_file_names_it(tmp_path):
+    with pytest.raises(OracleMnistError, match=r"train.weights_file: .*absent.pth does not exist"):
+        build_model("resnet10t", 10, 28, pretrained=True, weights_file=str(tmp_path / "absent.pth"))
+
+
+def test_save_load_round_trip_keeps_weights_meta_and_outputs(tmp_path):
+    model = build_model("resnet18", 10, 28).eval()
+    path = tmp_path / "models" / "model.pt"
+    save_model(path, model, META)
+
+    loaded, meta = load_model(path)
+
+    assert meta == META
+    assert not loaded.training
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    raw = torch.load(path, weights_only=True)
+    assert raw["format_version"] == 1
+    assert raw["meta"]["class_names"] == META.class_names
+
+
+def test_load_model_rejects_foreign_and_mismatched_files(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(OracleMnistError, match=r"junk\.pt: not a readable model file"):
+        load_model(junk)
+
+    wrong = tmp_path / "wrong.pt"
+    save_model(wrong, build_model("resnet18", 10, 28), replace(META, model_name="resnet10t"))
+    with pytest.raises(OracleMnistError, match=r"wrong\.pt: weights do not fit model 'resnet10t'"):
+        load_model(wrong)
+
+    with pytest.raises(OracleMnistError, match=r"absent\.pt: model file not found"):
+        load_model(tmp_path / "absent.pt")
