@@ -1,0 +1,140 @@
+"""Idx reader/writer, the stratified split and feature files, on hand-made arrays and the real sample."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oracle_mnist.datasets import (
+    class_counts,
+    label_of_folder,
+    load_features,
+    read_idx,
+    read_idx_split,
+    save_features,
+    stratified_split,
+    write_idx,
+)
+from oracle_mnist.errors import OracleMnistError
+
+CLASSES = ("big", "sun", "moon", "cattle", "next", "field", "not", "arrow", "time", "wood")
+
+
+def test_idx_round_trip_is_exact_and_deterministic(tmp_path: Path):
+    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", images)
+    write_idx(tmp_path / "b.gz", images)
+    back = read_idx(tmp_path / "a.gz")
+    assert back.dtype == np.uint8 and back.shape == (2, 3, 4)
+    np.testing.assert_array_equal(back, images)
+    assert (tmp_path / "a.gz").read_bytes() == (tmp_path / "b.gz").read_bytes()
+    raw = gzip.decompress((tmp_path / "a.gz").read_bytes())
+    assert raw[:16] == bytes.fromhex("00000803000000020000000300000004")
+
+
+def test_read_idx_reads_the_real_sample(sample_dir: Path):
+    images, labels = read_idx_split(
+        sample_dir / "train-images-idx3-ubyte.gz", sample_dir / "train-labels-idx1-ubyte.gz", 10
+    )
+    assert images.shape == (2000, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64
+    assert class_counts(labels, 10) == [200] * 10
+
+
+def test_not_gzip_is_refused(tmp_path: Path):
+    path = tmp_path / "x-images-idx3-ubyte.gz"
+    path.write_bytes(b"\x00\x00\x08\x03 not gzip at all")
+    with pytest.raises(OracleMnistError, match=r"x-images-idx3-ubyte.gz: not a gzip file"):
+        read_idx(path)
+
+
+def test_truncated_gzip_is_refused(tmp_path: Path, sample_dir: Path):
+    data = (sample_dir / "t10k-images-idx3-ubyte.gz").read_bytes()
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(OracleMnistError, match=r"t10k-images-idx3-ubyte.gz: truncated or corrupt gzip"):
+        read_idx(path)
+
+
+def test_wrong_magic_is_refused(tmp_path: Path):
+    path = tmp_path / "bad.gz"
+    path.write_bytes(gzip.compress(bytes.fromhex("00000d01") + b"\x00\x00\x00\x01" + b"\x00" * 4))
+    with pytest.raises(OracleMnistError, match=r"bad.gz: wrong idx magic number 0x00000d01"):
+        read_idx(path)
+
+
+def test_dimensions_not_matching_payload_are_refused(tmp_path: Path):
+    path = tmp_path / "short.gz"
+    header = bytes.fromhex("00000803") + np.asarray([3, 2, 2], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header + b"\x00" * 11))
+    with pytest.raises(
+        OracleMnistError, match=r"short.gz: idx dimensions \(3, 2, 2\) need 12 data bytes, file has 11"
+    ):
+        read_idx(path)
+
+
+def test_count_mismatch_and_label_range_are_refused(tmp_path: Path):
+    write_idx(tmp_path / "images.gz", np.zeros((3, 2, 2), dtype=np.uint8))
+    write_idx(tmp_path / "labels.gz", np.array([0, 1], dtype=np.uint8))
+    with pytest.raises(OracleMnistError, match=r"images.gz: 3 images but labels.gz has 2 labels"):
+        read_idx_split(tmp_path / "images.gz", tmp_path / "labels.gz", 10)
+    write_idx(tmp_path / "labels.gz", np.array([0, 10, 2], dtype=np.uint8))
+    with pytest.raises(OracleMnistError, match=r"labels.gz: label 10 at index 1 is outside the 10 classes"):
+        read_idx_split(tmp_path / "images.gz", tmp_path / "labels.gz", 10)
+
+
+def test_stratified_split_is_deterministic_and_stratified():
+    labels = np.repeat(np.arange(10), [200, 200, 200, 200, 200, 200, 200, 200, 30, 7])
+    train, val = stratified_split(labels, 0.1, seed=42)
+    again_train, again_val = stratified_split(labels, 0.1, seed=42)
+    np.testing.assert_array_equal(val, again_val)
+    np.testing.assert_array_equal(train, again_train)
+    assert class_counts(labels[val], 10) == [20] * 8 + [3, 1]
+    assert len(train) + len(val) == len(labels)
+    assert not set(train) & set(val)
+    _, other_val = stratified_split(labels, 0.1, seed=43)
+    assert not np.array_equal(val, other_val)
+
+
+def test_split_of_one_class_does_not_depend_on_the_others():
+    labels = np.repeat(np.arange(3), [50, 50, 50])
+    _, val = stratified_split(labels, 0.2, seed=1)
+    more = np.concatenate([labels, np.full(40, 2)])
+    _, val_more = stratified_split(more, 0.2, seed=1)
+    np.testing.assert_array_equal(val[labels[val] == 0], val_more[more[val_more] == 0])
+
+
+def test_features_round_trip(tmp_path: Path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 3, 4])
+    save_features(tmp_path / "train.npz", images, labels)
+    got_images, got_labels = load_features(tmp_path / "train.npz")
+    np.testing.assert_array_equal(got_images, images)
+    np.testing.assert_array_equal(got_labels, labels)
+    assert got_labels.dtype == np.int64
+    assert [p.name for p in tmp_path.iterdir()] == ["train.npz"]
+
+
+def test_bad_feature_files_are_refused(tmp_path: Path):
+    with pytest.raises(OracleMnistError, match=r"missing.npz: feature file not found"):
+        load_features(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    with pytest.raises(OracleMnistError, match=r"junk.npz: not a readable feature file"):
+        load_features(tmp_path / "junk.npz")
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4)), labels=np.zeros(2, dtype=np.int64))
+    with pytest.raises(OracleMnistError, match=r"float.npz: images must be uint8"):
+        load_features(tmp_path / "float.npz")
+    with pytest.raises(OracleMnistError, match=r"labels must be integers \(N,\) matching 2 images"):
+        save_features(tmp_path / "x.npz", np.zeros((2, 4, 4), np.uint8), np.zeros(3, np.int64))
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_label_of_folder_accepts_numbers_and_names():
+    assert label_of_folder("3", CLASSES) == 3
+    assert label_of_folder("wood", CLASSES) == 9
+    assert label_of_folder("10", CLASSES) is None
+    assert label_of_folder("03", CLASSES) is None
+    assert label_of_folder("dragon", CLASSES) is None
