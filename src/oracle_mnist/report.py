@@ -1,0 +1,180 @@
+"""Compare the results of two revisions as one markdown file with PNG plots, without a browser.
+
+The pull-request workflow posts this report as a comment; `oracle-mnist-report BASE [HEAD] -o DIR` writes the
+same thing locally. Everything is read through DVC itself (`dvc metrics diff`, `dvc params diff`,
+`dvc plots diff`), which takes each revision's outputs from the DVC cache (or the remote) of that revision:
+no file is copied from one checkout to another, so a stale "previous" result cannot leak in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.fsutil import atomic_dir
+
+WORKSPACE = "workspace"
+# Reading an old revision may fetch its outputs from the remote first; a hung remote must not hang CI.
+DVC_TIMEOUT_S = 900.0
+
+
+def run_dvc(args: list[str], repo: Path, timeout: float = DVC_TIMEOUT_S) -> str:
+    """Run `dvc ARGS` in `repo` and return its stdout; any failure names the command and DVC's message."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    try:
+        proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise OracleMnistError(
+            f"`dvc {' '.join(args)}` in {repo}: no answer within {timeout:.0f} s"
+        ) from None
+    if proc.returncode != 0:
+        message = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise OracleMnistError(
+            f"`dvc {' '.join(args)}` in {repo} exited {proc.returncode}: {' / '.join(message[-3:])}"
+        )
+    return proc.stdout
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a plot path or revision (`plots/confusion.json@HEAD~1` -> `plots_confusion.json_HEAD_1`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "_"
+
+
+def render_png(spec: dict[str, Any]) -> bytes:
+    """Render a Vega-Lite spec to PNG offline: data is inline, and no URL may be fetched."""
+    import vl_convert
+
+    try:
+        return vl_convert.vegalite_to_png(spec, scale=1.0, allowed_base_urls=[])
+    except ValueError as exc:
+        title = spec.get("title", {})
+        name = title.get("text", "?") if isinstance(title, dict) else title
+        raise OracleMnistError(f"plot {name}: Vega-Lite could not render it: {exc}") from None
+
+
+def only_revision(spec: dict[str, Any], rev: str) -> dict[str, Any]:
+    """The same chart with the data of one revision only."""
+    one = copy.deepcopy(spec)
+    one["data"]["values"] = [row for row in spec["data"]["values"] if row.get("rev") == rev]
+    return one
+
+
+def faceted_by_revision(spec: dict[str, Any]) -> bool:
+    """True for charts DVC draws once per revision (confusion matrices); lines are overlaid instead."""
+    column = spec.get("facet", {}).get("column", {})
+    return isinstance(column, dict) and column.get("field") == "rev"
+
+
+def _image(alt: str, target: str) -> str:
+    return f"![{alt}]({target})"
+
+
+def plot_sections(
+    plots: dict[str, list[dict[str, Any]]], revs: list[str], images: Path, link: str
+) -> list[str]:
+    """Markdown for every plot: one column per revision, or one overlaid chart; PNGs written to `images`."""
+    lines: list[str] = []
+    for name in sorted(plots):
+        per_rev: dict[str, str] = {}
+        overlay: str | None = None
+        for entry in plots[name]:
+            if entry["type"] == "image":
+                (rev,) = entry["revisions"]
+                file = f"{slug(name)}@{slug(rev)}{Path(entry['url']).suffix}"
+                shutil.copyfile(entry["url"], images / file)
+                per_rev[rev] = file
+            elif entry["type"] == "vega" and faceted_by_revision(entry["content"]):
+                for rev in entry["revisions"]:
+                    file = f"{slug(name)}@{slug(rev)}.png"
+                    (images / file).write_bytes(render_png(only_revision(entry["content"], rev)))
+                    per_rev[rev] = file
+            elif entry["type"] == "vega":
+                overlay = f"{slug(name)}.png"
+                (images / overlay).write_bytes(render_png(entry["content"]))
+        lines += [f"### `{name}`", ""]
+        if overlay:
+            lines += [_image(f"{name}: {' vs '.join(revs)}", f"{link}{overlay}"), ""]
+        if per_rev:
+            lines += [
+                "| " + " | ".join(f"`{rev}`" for rev in revs) + " |",
+                "|" + " --- |" * len(revs),
+                "| "
+                + " | ".join(
+                    _image(f"{name} at {rev}", f"{link}{per_rev[rev]}") if rev in per_rev else "(absent)"
+                    for rev in revs
+                )
+                + " |",
+                "",
+            ]
+    return lines
+
+
+def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_prefix: str = "") -> Path:
+    """Write OUT/report.md and OUT/images/*.png comparing `base` with `head` (None: the workspace).
+
+    `image_url_prefix` replaces the relative `images/` links, for a comment whose images are hosted elsewhere.
+    """
+    revs = [base, head or WORKSPACE]
+    rev_args = [base] if head is None else [base, head]
+    metrics = run_dvc(["metrics", "diff", *rev_args, "--md"], repo).strip()
+    params = run_dvc(["params", "diff", *rev_args, "--md"], repo).strip()
+    link = image_url_prefix or "images/"
+    with tempfile.TemporaryDirectory(prefix="oracle-mnist-plots-") as tmp:
+        raw = json.loads(run_dvc(["plots", "diff", *rev_args, "--json", "-o", tmp], repo) or "{}")
+        with atomic_dir(out) as staging:
+            # mkdtemp makes the folder private; the report is meant to be read and published.
+            staging.chmod(0o755)
+            images = staging / "images"
+            images.mkdir()
+            plot_lines = plot_sections(raw.get("data", {}), revs, images, link)
+            lines = [
+                f"# Results: `{revs[0]}` vs `{revs[1]}`",
+                "",
+                "## Metrics",
+                "",
+                metrics or "No metric changed.",
+                "",
+                "## Params",
+                "",
+                params or "No parameter changed.",
+                "",
+                "## Plots",
+                "",
+                *(plot_lines or ["No plots."]),
+            ]
+            errors = raw.get("errors")
+            if errors:
+                lines += ["", "Plots DVC could not read:", "", "```", json.dumps(errors, indent=1), "```"]
+            (staging / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+    return out / "report.md"
+
+
+@exit_on_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="oracle-mnist-report",
+        description="Write a markdown report (metrics diff, params diff, plots as PNG) comparing two revisions.",
+    )
+    parser.add_argument("base", help="the revision to compare against, e.g. main or a commit")
+    parser.add_argument("head", nargs="?", help="the revision to report on (default: the workspace)")
+    parser.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (replaced)")
+    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the DVC repository (default: here)")
+    parser.add_argument(
+        "--image-url-prefix", default="", help="prefix for image links instead of the relative images/"
+    )
+    args = parser.parse_args(argv)
+    path = write_report(args.repo, args.base, args.head, args.out, args.image_url_prefix)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
