@@ -74,8 +74,12 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 def repo_copy(tmp_path: Path, sample_dir: Path) -> Path:
     """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
     params pointing at the real sample and shrunken by TEST_PARAMS, committed as its first commit."""
+    return make_repo_copy(tmp_path / "repo", sample_dir)
+
+
+def make_repo_copy(dest: Path, sample_dir: Path) -> Path:
+    """The body of `repo_copy`, for fixtures of a wider scope that share one pipeline run."""
     files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
-    dest = tmp_path / "repo"
     for rel in files:
         src = REPO / rel
         if src.is_file():
