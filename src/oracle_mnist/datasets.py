@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import sys
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
 
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.fsutil import atomic_path
+from oracle_mnist.fsutil import atomic_path, write_json
+from oracle_mnist.images import convert
+
+J = TypeVar("J")
+R = TypeVar("R")
 
 # The official file names; `t10k` is the official test split.
 IDX_FILES: dict[str, tuple[str, str]] = {
@@ -149,3 +161,172 @@ def label_of_folder(name: str, classes: Sequence[str]) -> int | None:
     if name.isdigit() and int(name) < len(classes) and str(int(name)) == name:
         return int(name)
     return classes.index(name) if name in classes else None
+
+
+def scan_items(root: Path, split: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """The (path relative to root, label) of every image in root/split/<label>/, checked for layout."""
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise OracleMnistError(f"{split_dir}: missing (a scans tree needs train/<label>/ and test/<label>/)")
+    items: list[tuple[str, int]] = []
+    counts = [0] * len(classes)
+    for entry in sorted(split_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if not entry.is_dir():
+            raise OracleMnistError(
+                f"{entry}: a file outside a class folder (expected {split}/<label>/<image>)"
+            )
+        label = label_of_folder(entry.name, classes)
+        if label is None:
+            raise OracleMnistError(
+                f"{entry}: unknown class folder {entry.name!r} (expected 0-{len(classes) - 1} or one of {list(classes)})"
+            )
+        for path in sorted(entry.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if not path.is_file():
+                raise OracleMnistError(f"{path}: unexpected folder inside a class folder")
+            items.append((path.relative_to(root).as_posix(), label))
+            counts[label] += 1
+    empty = [f"{i} ({classes[i]})" for i, n in enumerate(counts) if n == 0]
+    if empty:
+        raise OracleMnistError(f"{split_dir}: no images for class(es) {', '.join(empty)}")
+    return items
+
+
+def open_scan(path: Path, min_side: int, max_pixels: int) -> Image.Image:
+    """Open and fully decode one scan, refusing empty files, non-images, tiny images and decompression bombs.
+
+    The pixel ceiling is checked from the header, before any pixel data is decompressed.
+    """
+    if path.stat().st_size == 0:
+        raise OracleMnistError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice it; our ceiling below is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        w, h = img.size
+        if w * h > max_pixels:
+            img.close()
+            raise OracleMnistError(
+                f"{path}: {w}x{h} = {w * h} pixels exceeds featurize.max_pixels={max_pixels} "
+                "(refused as a possible decompression bomb)"
+            )
+        if min(w, h) < min_side:
+            img.close()
+            raise OracleMnistError(f"{path}: {w}x{h} is smaller than featurize.min_side={min_side} pixels")
+        img.load()
+        return img
+    except Image.DecompressionBombError as exc:
+        raise OracleMnistError(f"{path}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise OracleMnistError(f"{path}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise OracleMnistError(f"{path}: cannot decode image ({exc})") from None
+
+
+def _check_one(args: tuple[Path, int, int]) -> tuple[int, int]:
+    path, min_side, max_pixels = args
+    with open_scan(path, min_side, max_pixels) as img:
+        return img.size
+
+
+def _convert_one(args: tuple[Path, int, int, int]) -> np.ndarray:
+    path, size, min_side, max_pixels = args
+    with open_scan(path, min_side, max_pixels) as img:
+        try:
+            return convert(img, size)
+        except OracleMnistError as exc:
+            raise OracleMnistError(f"{path}: {exc}") from None
+
+
+def check_scans(
+    paths: Sequence[Path], min_side: int, max_pixels: int, desc: str = "check"
+) -> list[tuple[int, int]]:
+    """Decode every scan (all cores); returns the (width, height) of each, in order."""
+    return _parallel(_check_one, [(p, min_side, max_pixels) for p in paths], desc)
+
+
+def convert_scans(
+    paths: Sequence[Path], size: int, min_side: int, max_pixels: int, desc: str = "convert"
+) -> np.ndarray:
+    """images.convert over many scan files (all cores) -> uint8 (N, size, size)."""
+    out = _parallel(_convert_one, [(p, size, min_side, max_pixels) for p in paths], desc)
+    return np.stack(out) if out else np.zeros((0, size, size), dtype=np.uint8)
+
+
+def workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _parallel(fn: Callable[[J], R], jobs: list[J], desc: str) -> list[R]:
+    n = workers()
+    with tqdm(total=len(jobs), desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
+        if n == 1 or len(jobs) < 64:
+            return [_tick(bar, fn(job)) for job in jobs]
+        pool = ProcessPoolExecutor(max_workers=n)
+        try:
+            return [
+                _tick(bar, r) for r in pool.map(fn, jobs, chunksize=max(1, min(256, len(jobs) // (n * 8))))
+            ]
+        finally:
+            # On the first bad file, drop the queued work instead of decoding the rest of the tree.
+            pool.shutdown(cancel_futures=True)
+
+
+def _tick(bar: tqdm, value: R) -> R:
+    bar.update(1)
+    return value
+
+
+def split_idx(
+    raw: Path, num_classes: int, val_fraction: float, seed: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The official idx files in `raw` -> {train, val, test: (images, labels)}, val stratified from train."""
+    splits = {}
+    for split, (images_name, labels_name) in IDX_FILES.items():
+        splits[split] = read_idx_split(raw / images_name, raw / labels_name, num_classes)
+    images, labels = splits["train"]
+    train, val = stratified_split(labels, val_fraction, seed)
+    return {
+        "train": (images[train], labels[train]),
+        "val": (images[val], labels[val]),
+        "test": splits["test"],
+    }
+
+
+def split_scans(
+    raw: Path, classes: Sequence[str], val_fraction: float, seed: int, min_side: int, max_pixels: int
+) -> dict[str, list[tuple[str, int]]]:
+    """A scans tree in `raw` -> {train, val, test: [(relative path, label)]}, every file decoded once."""
+    found = {split: scan_items(raw, split, classes) for split in ("train", "test")}
+    for split, items in found.items():
+        check_scans([raw / path for path, _ in items], min_side, max_pixels, desc=f"check {split}")
+    train_items = found["train"]
+    train, val = stratified_split(np.array([label for _, label in train_items]), val_fraction, seed)
+    return {
+        "train": [train_items[i] for i in train],
+        "val": [train_items[i] for i in val],
+        "test": found["test"],
+    }
+
+
+def save_manifest(path: Path, items: Sequence[tuple[str, int]]) -> None:
+    write_json(path, [{"path": name, "label": label} for name, label in items])
+
+
+def load_manifest(path: Path, num_classes: int) -> list[tuple[str, int]]:
+    """A scans split manifest -> [(path relative to data/raw, label)]."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        items = [(str(e["path"]), int(e["label"])) for e in entries]
+    except FileNotFoundError:
+        raise OracleMnistError(f"{path}: manifest not found (run `dvc repro prepare`)") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise OracleMnistError(f"{path}: not a scans manifest ({exc})") from None
+    bad = [name for name, label in items if not 0 <= label < num_classes]
+    if bad:
+        raise OracleMnistError(f"{path}: label outside the {num_classes} classes for {bad[0]}")
+    return items

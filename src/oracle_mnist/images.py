@@ -8,10 +8,11 @@ image Pillow opens; `resize_batch` only rescales images that went through it alr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from oracle_mnist.errors import OracleMnistError
 
@@ -150,3 +151,22 @@ def to_tensor(images: np.ndarray, mean: float, std: float) -> torch.Tensor:
         images = images[None]
     tensor = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255.0)
     return tensor.sub_(mean).div_(std)
+
+
+def sample_grid(
+    images: np.ndarray, labels: np.ndarray, class_names: Sequence[str], per_class: int = 10, scale: int = 2
+) -> Image.Image:
+    """One row per class: the first `per_class` examples, magnified, with "label name" on the left."""
+    size = images.shape[1] * scale
+    font = ImageFont.load_default(size=max(10, size // 3))
+    label_width = max(int(font.getlength(f"{i} {name}")) for i, name in enumerate(class_names)) + 12
+    pad = 2
+    grid = Image.new("L", (label_width + per_class * (size + pad), len(class_names) * (size + pad)), 255)
+    draw = ImageDraw.Draw(grid)
+    for row, name in enumerate(class_names):
+        top = row * (size + pad)
+        draw.text((4, top + size // 2), f"{row} {name}", fill=0, font=font, anchor="lm")
+        for col, index in enumerate(np.flatnonzero(labels == row)[:per_class]):
+            tile = Image.fromarray(images[index]).resize((size, size), Image.Resampling.NEAREST)
+            grid.paste(tile, (label_width + col * (size + pad), top))
+    return grid

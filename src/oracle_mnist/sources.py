@@ -1,0 +1,260 @@
+"""Fetch the raw dataset files from an http(s) base URL or a local directory, verified before use.
+
+What a file is checked against depends on where it comes from:
+- the official URL (config.OFFICIAL_SOURCE): the upstream sha256, or for the training images, whose sha256
+  cannot be seen from here, the upstream git blob id;
+- any other URL or directory: the SHA256SUMS file beside the data, when there is one. The official sums are
+  not applied there, because a mirror or a sample (like the one shipped for offline work) holds other bytes
+  under the same names.
+A file that fails is deleted and the fetch raises; the caller writes into a temporary directory, so nothing
+unverified ever reaches data/raw.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from oracle_mnist.config import OFFICIAL_SOURCE
+from oracle_mnist.datasets import IDX_FILES
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.fsutil import git_blob_id, sha256_bytes, sha256_file
+
+IDX_NAMES = tuple(name for pair in IDX_FILES.values() for name in pair)
+SUMS_FILE = "SHA256SUMS"
+
+
+class NotFoundError(OracleMnistError):
+    """The server has no such file (HTTP 404): not worth retrying."""
+
+
+@dataclass(frozen=True)
+class Checksum:
+    kind: str  # "sha256" or "git-blob"
+    origin: str  # where the expected value comes from: "official" or "SHA256SUMS"
+    value: str
+
+
+# Upstream wm-bupt/oracle-mnist at the pinned commit (../shared/data/oracle-mnist-sample/README.md).
+OFFICIAL_CHECKSUMS: dict[str, Checksum] = {
+    "t10k-images-idx3-ubyte.gz": Checksum(
+        "sha256", "official", "ca5e631c21fdbf452f2af8cb410d8546456b4b9820881b8d77150767496bf099"
+    ),
+    "t10k-labels-idx1-ubyte.gz": Checksum(
+        "sha256", "official", "e10758deebac47b5ce0a1fe87cea09d50cb797544ed7b7dbac61e5f709c074b0"
+    ),
+    "train-labels-idx1-ubyte.gz": Checksum(
+        "sha256", "official", "45c65b236f8e169e6bd0875270d84cb132753351ca1938ae7935523ebd1e95fc"
+    ),
+    "train-images-idx3-ubyte.gz": Checksum(
+        "git-blob", "official", "1f6e37653511386c87fc954b27b0770ccdd19b02"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FetchedFile:
+    name: str  # path relative to the destination directory
+    sha256: str
+    size: int
+    verified_by: str  # what the bytes were checked against: "official sha256", "SHA256SUMS sha256", "none"
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+def resolve_local(source: str, base_dir: Path) -> Path:
+    """A local data.source, relative paths taken from `base_dir` (the directory holding params.yaml)."""
+    if "://" in source:
+        raise OracleMnistError(
+            f"data.source: unsupported URL scheme in {source!r} (use http(s) or a directory)"
+        )
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else base_dir / path
+    if not path.is_dir():
+        raise OracleMnistError(f"data.source: {path} is not a directory")
+    return path
+
+
+def parse_sums(text: str, where: str) -> dict[str, str]:
+    """`sha256sum` output -> {relative name: hex digest}."""
+    sums = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        digest, sep, name = line.partition(" ")
+        name = name.lstrip(" ").removeprefix("*")
+        if (
+            not sep
+            or not name
+            or len(digest) != 64
+            or any(c not in "0123456789abcdef" for c in digest.lower())
+        ):
+            raise OracleMnistError(f"{where}: line {number} is not '<sha256>  <name>': {line!r}")
+        sums[name] = digest.lower()
+    return sums
+
+
+def verify(path: Path, name: str, expected: Checksum | None, where: str) -> FetchedFile:
+    """Check `path` against `expected` (from `where`); on mismatch delete it and raise naming the file."""
+    if expected is None:
+        return FetchedFile(name, sha256_file(path), path.stat().st_size, "none")
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    actual = git_blob_id(data) if expected.kind == "git-blob" else digest
+    if actual != expected.value:
+        path.unlink()
+        raise OracleMnistError(
+            f"{name}: checksum mismatch, {expected.kind} is {actual} but {where} says {expected.value} "
+            f"({len(data)} bytes); the file was deleted"
+        )
+    return FetchedFile(name, digest, len(data), f"{expected.origin} {expected.kind}")
+
+
+def fetch_idx(
+    source: str, dest: Path, base_dir: Path, timeout: float = 30.0, retries: int = 3
+) -> list[FetchedFile]:
+    """The four idx files from `source` into `dest`, verified."""
+    if is_url(source):
+        base = source if source.endswith("/") else source + "/"
+        if base == OFFICIAL_SOURCE:
+            expected, sums_name = dict(OFFICIAL_CHECKSUMS), "the pinned upstream commit"
+        else:
+            sums_text = download_text(base + SUMS_FILE, timeout, retries)
+            expected = _as_checksums(parse_sums(sums_text, base + SUMS_FILE)) if sums_text is not None else {}
+            sums_name = base + SUMS_FILE
+            if sums_text is None:
+                print(
+                    f"warning: {base} serves no {SUMS_FILE}; downloads are checked as idx only",
+                    file=sys.stderr,
+                )
+        fetched = []
+        for name in IDX_NAMES:
+            download(base + name, dest / name, timeout, retries)
+            fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
+        return fetched
+    root = resolve_local(source, base_dir)
+    expected, sums_name = _local_sums(root)
+    fetched = []
+    for name in IDX_NAMES:
+        if not (root / name).is_file():
+            raise OracleMnistError(
+                f"data.source: {root / name} not found (an idx source needs {list(IDX_NAMES)})"
+            )
+        shutil.copyfile(root / name, dest / name)
+        fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
+    return fetched
+
+
+def fetch_scans(source: str, dest: Path, base_dir: Path) -> list[FetchedFile]:
+    """Copy a local scans tree's train/ and test/ into `dest`, verified against its SHA256SUMS if any."""
+    if is_url(source):
+        raise OracleMnistError(
+            f"data.source: {source} is a URL, but data.format 'scans' needs a local directory "
+            "holding train/<label>/* and test/<label>/*"
+        )
+    root = resolve_local(source, base_dir)
+    expected, sums_name = _local_sums(root)
+    fetched = []
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise OracleMnistError(
+                f"data.source: {root / split} not found (scans need train/<label>/, test/<label>/)"
+            )
+        for dirpath, dirnames, filenames in os.walk(root / split):
+            # Desktop litter (.DS_Store, ._* resource forks, .thumbnails/) is not part of a scans tree.
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for filename in sorted(f for f in filenames if not f.startswith(".")):
+                src = Path(dirpath, filename)
+                name = src.relative_to(root).as_posix()
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest / name)
+                fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
+    return fetched
+
+
+def _local_sums(root: Path) -> tuple[dict[str, Checksum], str]:
+    sums_path = root / SUMS_FILE
+    if not sums_path.is_file():
+        print(f"warning: {root} has no {SUMS_FILE}; files are checked by content only", file=sys.stderr)
+        return {}, "none"
+    return _as_checksums(parse_sums(sums_path.read_text(encoding="utf-8"), str(sums_path))), str(sums_path)
+
+
+def _as_checksums(sums: dict[str, str]) -> dict[str, Checksum]:
+    return {name: Checksum("sha256", SUMS_FILE, digest) for name, digest in sums.items()}
+
+
+def _pick(expected: dict[str, Checksum], name: str, sums_name: str) -> Checksum | None:
+    """The checksum for `name`; once a source has a checksum list, a file missing from it is refused."""
+    if name in expected:
+        return expected[name]
+    if expected:
+        raise OracleMnistError(f"{name}: not listed in {sums_name}, so it cannot be verified")
+    return None
+
+
+def download(url: str, dest: Path, timeout: float, retries: int, backoff: float = 0.5) -> None:
+    """Stream `url` to `dest` with a progress bar; transient failures are retried with exponential backoff."""
+    last: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            _stream(url, dest, timeout)
+            return
+        except urllib.error.HTTPError as exc:
+            dest.unlink(missing_ok=True)
+            if exc.code == 404:
+                raise NotFoundError(f"{url}: HTTP 404 {exc.reason}") from None
+            if exc.code < 500 and exc.code not in (408, 429):
+                raise OracleMnistError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+            last = exc
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            dest.unlink(missing_ok=True)
+            last = exc
+        if attempt < retries:
+            time.sleep(backoff * 2 ** (attempt - 1))
+    reason = getattr(last, "reason", last)
+    raise OracleMnistError(
+        f"{url}: download failed after {retries} attempt(s) (timeout {timeout:g} s each): {reason}"
+    )
+
+
+def download_text(url: str, timeout: float, retries: int) -> str | None:
+    """A small text file, or None when the server says it has none (404)."""
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir) / "text"
+        try:
+            download(url, tmp, timeout, retries)
+        except NotFoundError:
+            return None
+        return tmp.read_text(encoding="utf-8")
+
+
+def _request(url: str) -> urllib.request.Request:
+    return urllib.request.Request(url, headers={"User-Agent": "oracle-mnist"})
+
+
+def _stream(url: str, dest: Path, timeout: float) -> None:
+    with urllib.request.urlopen(_request(url), timeout=timeout) as resp, open(dest, "wb") as fh:
+        total = resp.length
+        written = 0
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, leave=False
+        ) as bar:
+            while chunk := resp.read(1 << 16):
+                fh.write(chunk)
+                written += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and written != total:
+        raise http.client.IncompleteRead(b"", total - written)

@@ -1,0 +1,76 @@
+"""DVC stage prepare: fetch and verify the raw files, validate them, split train/val/test."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from oracle_mnist.config import load_params
+from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
+from oracle_mnist.errors import exit_on_error
+from oracle_mnist.fsutil import atomic_dir, write_json
+from oracle_mnist.sources import FetchedFile, fetch_idx, fetch_scans
+
+PARAMS = Path("params.yaml")
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+METRICS = Path("metrics/prepare.json")
+
+
+@exit_on_error
+def main() -> None:
+    params = load_params(PARAMS)
+    data, feat = params.data, params.featurize
+    # A relative local source is relative to params.yaml, whatever directory the stage runs from.
+    base_dir = PARAMS.resolve().parent
+    with atomic_dir(RAW) as raw, atomic_dir(PREPARED) as prepared:
+        if data.format == "idx":
+            fetched = fetch_idx(data.source, raw, base_dir)
+            arrays = split_idx(raw, params.num_classes, data.val_fraction, data.seed)
+            labels = {split: arrays[split][1] for split in SPLITS}
+            for split in SPLITS:
+                save_features(prepared / f"{split}.npz", *arrays[split])
+            inputs = {
+                f.name: {"sha256": f.sha256, "bytes": f.size, "verified_by": f.verified_by} for f in fetched
+            }
+        else:
+            fetched = fetch_scans(data.source, raw, base_dir)
+            manifests = split_scans(
+                raw, params.classes, data.val_fraction, data.seed, feat.min_side, feat.max_pixels
+            )
+            labels = {split: [label for _, label in manifests[split]] for split in SPLITS}
+            for split in SPLITS:
+                save_manifest(prepared / f"{split}.json", manifests[split])
+            inputs = tree_summary(fetched)
+        write_json(
+            METRICS,
+            {
+                "format": data.format,
+                "source": data.source,
+                "counts": {split: counts(labels[split], params.classes) for split in SPLITS},
+                "inputs": inputs,
+            },
+        )
+
+
+def counts(labels: Sequence[int] | np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:
+    per_class = class_counts(np.asarray(labels, dtype=np.int64), len(classes))
+    return {"total": sum(per_class), **dict(zip(classes, per_class, strict=True))}
+
+
+def tree_summary(fetched: list[FetchedFile]) -> dict[str, object]:
+    """One digest for a whole scans tree (per-file sums would swamp the metrics file)."""
+    digest = hashlib.sha256("".join(f"{f.sha256}  {f.name}\n" for f in fetched).encode())
+    return {
+        "files": len(fetched),
+        "bytes": sum(f.size for f in fetched),
+        "tree_sha256": digest.hexdigest(),
+        "verified_by": sorted({f.verified_by for f in fetched}),
+    }
+
+
+if __name__ == "__main__":
+    main()
