@@ -1,0 +1,240 @@
+"""Fetching from a local directory and from a real HTTP server on 127.0.0.1: verification, retry, timeouts."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.fsutil import sha256_file
+from oracle_mnist.sources import (
+    IDX_NAMES,
+    OFFICIAL_CHECKSUMS,
+    Checksum,
+    download,
+    fetch_idx,
+    fetch_scans,
+    parse_sums,
+    resolve_local,
+    verify,
+)
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+class FlakyHandler(QuietHandler):
+    """Answers 503 to the first request for each path, then serves the file."""
+
+    seen: ClassVar[set[str]] = set()
+
+    def do_GET(self):
+        if self.path not in self.seen:
+            self.seen.add(self.path)
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+
+@pytest.fixture
+def served(tmp_path: Path, sample_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(base URL, directory it serves): a temporary copy of the sample behind a real HTTP server."""
+    root = tmp_path / "www"
+    shutil.copytree(sample_dir, root)
+    for path in root.iterdir():
+        path.chmod(0o644)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", root
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_download_verifies_against_the_served_sums(served, tmp_path: Path, sample_dir: Path):
+    url, _ = served
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetched = fetch_idx(url.rstrip("/"), dest, tmp_path, timeout=5, retries=1)
+    assert sorted(f.name for f in fetched) == sorted(IDX_NAMES)
+    assert {f.verified_by for f in fetched} == {"SHA256SUMS sha256"}
+    for f in fetched:
+        assert f.sha256 == sha256_file(sample_dir / f.name) == sha256_file(dest / f.name)
+
+
+def test_corrupted_download_is_refused_and_deleted(served, tmp_path: Path):
+    url, root = served
+    target = root / "train-labels-idx1-ubyte.gz"
+    data = bytearray(target.read_bytes())
+    data[100] ^= 0xFF
+    target.write_bytes(bytes(data))
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(OracleMnistError, match=r"train-labels-idx1-ubyte.gz: checksum mismatch.*SHA256SUMS"):
+        fetch_idx(url, dest, tmp_path, timeout=5, retries=1)
+    assert not (dest / "train-labels-idx1-ubyte.gz").exists()
+
+
+def test_server_without_sums_downloads_unverified(served, tmp_path: Path, capsys):
+    url, root = served
+    (root / "SHA256SUMS").unlink()
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetched = fetch_idx(url, dest, tmp_path, timeout=5, retries=1)
+    assert {f.verified_by for f in fetched} == {"none"}
+    assert "serves no SHA256SUMS" in capsys.readouterr().err
+
+
+def test_missing_file_fails_at_once_with_404(served, tmp_path: Path):
+    url, root = served
+    (root / "t10k-images-idx3-ubyte.gz").unlink()
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    start = time.monotonic()
+    with pytest.raises(OracleMnistError, match=r"t10k-images-idx3-ubyte.gz: HTTP 404"):
+        fetch_idx(url, dest, tmp_path, timeout=5, retries=3)
+    assert time.monotonic() - start < 3  # a 404 is not retried
+
+
+def test_transient_server_errors_are_retried(tmp_path: Path, sample_dir: Path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(FlakyHandler, directory=str(sample_dir)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        dest = tmp_path / "labels.gz"
+        url = f"http://127.0.0.1:{server.server_address[1]}/t10k-labels-idx1-ubyte.gz"
+        download(url, dest, timeout=5, retries=2, backoff=0.05)
+        assert sha256_file(dest) == sha256_file(sample_dir / "t10k-labels-idx1-ubyte.gz")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_unreachable_url_fails_quickly_with_a_clear_message(tmp_path: Path):
+    url = f"http://127.0.0.1:{closed_port()}/data/"
+    start = time.monotonic()
+    with pytest.raises(OracleMnistError, match=r"127.0.0.1.*download failed after 2 attempt\(s\).*refused"):
+        fetch_idx(url, tmp_path, tmp_path, timeout=1, retries=2)
+    assert time.monotonic() - start < 5
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_silent_server_times_out(tmp_path: Path):
+    with socket.socket() as listener:
+        # Accepts connections (the kernel backlog) but never answers: only the timeout ends the wait.
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.gz"
+        start = time.monotonic()
+        with pytest.raises(
+            OracleMnistError,
+            match=r"x.gz: download failed after 2 attempt\(s\) \(timeout 0.3 s each\): .*timed out",
+        ):
+            download(url, tmp_path / "x.gz", timeout=0.3, retries=2, backoff=0.05)
+        assert time.monotonic() - start < 3
+    assert not (tmp_path / "x.gz").exists()
+
+
+def copy_sample(sample_dir: Path, dest: Path) -> Path:
+    shutil.copytree(sample_dir, dest)
+    for path in dest.iterdir():
+        path.chmod(0o644)
+    return dest
+
+
+def test_relative_local_source_is_resolved_from_the_params_dir(tmp_path: Path, sample_dir: Path):
+    fetched = fetch_idx(sample_dir.name, tmp_path, base_dir=sample_dir.parent)
+    assert {f.verified_by for f in fetched} == {"SHA256SUMS sha256"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(IDX_NAMES)
+
+
+def test_local_checksum_mismatch_is_refused(tmp_path: Path, sample_dir: Path):
+    copy = copy_sample(sample_dir, tmp_path / "copy")
+    with open(copy / "t10k-images-idx3-ubyte.gz", "ab") as fh:
+        fh.write(b"\0")
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(
+        OracleMnistError,
+        match=r"t10k-images-idx3-ubyte.gz: checksum mismatch, sha256 is [0-9a-f]{64} but .*SHA256SUMS says 9afde93e",
+    ):
+        fetch_idx(str(copy), dest, tmp_path)
+    assert not (dest / "t10k-images-idx3-ubyte.gz").exists()
+
+
+def test_local_sources_without_or_with_incomplete_sums(tmp_path: Path, sample_dir: Path, capsys):
+    copy = copy_sample(sample_dir, tmp_path / "copy")
+    sums = (copy / "SHA256SUMS").read_text()
+    (copy / "SHA256SUMS").write_text(
+        "".join(line + "\n" for line in sums.splitlines() if "t10k-labels" not in line)
+    )
+    (tmp_path / "a").mkdir()
+    with pytest.raises(OracleMnistError, match=r"t10k-labels-idx1-ubyte.gz: not listed in .*SHA256SUMS"):
+        fetch_idx(str(copy), tmp_path / "a", tmp_path)
+    (copy / "SHA256SUMS").unlink()
+    (tmp_path / "b").mkdir()
+    fetched = fetch_idx(str(copy), tmp_path / "b", tmp_path)
+    assert {f.verified_by for f in fetched} == {"none"}
+    assert "has no SHA256SUMS" in capsys.readouterr().err
+    (copy / "train-images-idx3-ubyte.gz").unlink()
+    with pytest.raises(OracleMnistError, match=r"data.source: .*copy/train-images-idx3-ubyte.gz not found"):
+        fetch_idx(str(copy), tmp_path / "b", tmp_path)
+
+
+def test_bad_source_values_are_refused(tmp_path: Path):
+    with pytest.raises(OracleMnistError, match=r"data.source: .*nowhere is not a directory"):
+        resolve_local("nowhere", tmp_path)
+    with pytest.raises(OracleMnistError, match=r"unsupported URL scheme in 'ftp://host/data'"):
+        resolve_local("ftp://host/data", tmp_path)
+    with pytest.raises(OracleMnistError, match=r"is a URL, but data.format 'scans' needs a local directory"):
+        fetch_scans("https://example.org/scans/", tmp_path, tmp_path)
+
+
+def test_parse_sums_accepts_sha256sum_output_and_names_bad_lines():
+    digest = "ab" * 32
+    assert parse_sums(f"{digest}  a.gz\n{digest.upper()} *b.gz\n\n", "S") == {"a.gz": digest, "b.gz": digest}
+    with pytest.raises(OracleMnistError, match=r"S: line 2 is not '<sha256>  <name>'"):
+        parse_sums(f"{digest}  a.gz\nnot a sum\n", "S")
+
+
+def test_git_blob_id_verification(tmp_path: Path):
+    path = tmp_path / "hello"
+    path.write_bytes(b"hello\n")
+    # `git hash-object` of "hello\n", a value anyone can reproduce.
+    ok = verify(
+        path, "hello", Checksum("git-blob", "official", "ce013625030ba8dba906f756967f9e9ca394464a"), "x"
+    )
+    assert ok.verified_by == "official git-blob" and ok.size == 6
+    with pytest.raises(
+        OracleMnistError, match=r"hello: checksum mismatch, git-blob is ce0136.* but upstream says 0000"
+    ):
+        verify(path, "hello", Checksum("git-blob", "official", "0" * 40), "upstream")
+    assert not path.exists()
+
+
+def test_official_sums_do_not_describe_the_sample(sample_dir: Path):
+    # Why the official checksums are applied to downloads from the official URL only.
+    for name, expected in OFFICIAL_CHECKSUMS.items():
+        if expected.kind == "sha256":
+            assert sha256_file(sample_dir / name) != expected.value
