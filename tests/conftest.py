@@ -93,3 +93,61 @@ def make_repo_copy(dest: Path, sample_dir: Path) -> Path:
     git(dest, "add", "-A")
     git(dest, "commit", "-q", "-m", "test copy")
     return dest
+
+
+@pytest.fixture(scope="session")
+def sample_test_images(sample_dir: Path) -> tuple[Any, Any]:
+    """The sample's 400 real test images (uint8 (N, 28, 28), white glyph on black) and labels."""
+    from oracle_mnist.datasets import IDX_FILES, read_idx_split
+
+    images_name, labels_name = IDX_FILES["test"]
+    return read_idx_split(sample_dir / images_name, sample_dir / labels_name, 10)
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory: pytest.TempPathFactory, sample_test_images: tuple[Any, Any]) -> Path:
+    """A saved default-architecture model (resnet18, 28x28, the 10 classes) with seeded random weights, its
+    BatchNorm statistics taken from real images so its outputs depend on the input. Untrained: for tests of
+    the plumbing, not of accuracy."""
+    import torch
+
+    from oracle_mnist.config import load_params
+    from oracle_mnist.images import to_tensor
+    from oracle_mnist.models import ModelMeta, build_model, save_model
+
+    params = load_params(REPO / "params.yaml")
+    images, _ = sample_test_images
+    torch.manual_seed(0)
+    model = build_model("resnet18", params.num_classes, 28)
+    meta = ModelMeta(
+        model_name="resnet18",
+        class_names=params.classes,
+        image_size=28,
+        mean=float(images.mean() / 255),
+        std=float(images.std() / 255),
+        data_hash="test-data-hash",
+        params_hash="test-params-hash",
+        metrics={"val_accuracy": 0.5},
+        epoch=1,
+    )
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration pass
+    model.train()
+    with torch.no_grad():
+        model(to_tensor(images, meta.mean, meta.std))
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(path, model.eval(), meta)
+    return path
+
+
+@pytest.fixture(scope="session")
+def onnx_model_file(model_file: Path) -> Path:
+    """`model_file` exported to ONNX by the export stage's library function."""
+    from oracle_mnist.export import export_onnx
+    from oracle_mnist.models import load_model
+
+    model, meta = load_model(model_file)
+    path = model_file.with_name("model.onnx")
+    export_onnx(model, meta, path)
+    return path

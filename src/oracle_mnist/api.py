@@ -1,0 +1,342 @@
+"""HTTP API over a trained model: `uvicorn oracle_mnist.api:app` (docs at /docs).
+
+Settings come from the environment, read once at start-up:
+
+| variable                      | default                                          |
+| ----------------------------- | ------------------------------------------------ |
+| ORACLE_MNIST_MODEL            | models/model.pt (models/model.onnx for onnx)     |
+| ORACLE_MNIST_BACKEND          | torch (or onnx)                                  |
+| ORACLE_MNIST_MAX_FILES        | 16 images per request                            |
+| ORACLE_MNIST_MAX_FILE_BYTES   | 5242880 (5 MiB) per image file                   |
+| ORACLE_MNIST_MAX_PIXELS       | 16000000 pixels per image, checked before decode |
+| ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
+
+The model is loaded once; a missing or unreadable model stops start-up with a message naming the file. Every
+bad request gets a 4xx JSON body {"detail": "<what is wrong, naming the file or field>"}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.inference import (
+    BACKENDS,
+    DEFAULT_MODEL_PATHS,
+    ImageTooLargeError,
+    Prediction,
+    Predictor,
+    open_image,
+)
+
+logger = logging.getLogger("uvicorn.error")
+
+ENV = "ORACLE_MNIST_"
+# Room for one multipart part's boundary and headers on top of its content.
+PART_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    model_path: Path
+    backend: str = "torch"
+    max_files: int = 16
+    max_file_bytes: int = 5 * 1024 * 1024
+    max_pixels: int = 16_000_000
+    top_k: int = 3
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        backend = env.get(f"{ENV}BACKEND", "torch")
+        if backend not in BACKENDS:
+            raise OracleMnistError(f"{ENV}BACKEND: {backend!r} is not one of {list(BACKENDS)}")
+        limits = {}
+        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k"):
+            var = f"{ENV}{name.upper()}"
+            if var not in env:
+                continue
+            raw = env[var]
+            if not raw.strip().isdigit() or int(raw) < 1:
+                raise OracleMnistError(f"{var}: expected a positive integer, got {raw!r}")
+            limits[name] = int(raw)
+        model = env.get(f"{ENV}MODEL") or DEFAULT_MODEL_PATHS[backend]
+        return cls(model_path=Path(model), backend=backend, **limits)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.max_files * (self.max_file_bytes + PART_OVERHEAD_BYTES)
+
+
+class ClassScore(BaseModel):
+    index: int
+    name: str
+    probability: float
+
+
+class ImagePrediction(ClassScore):
+    file: str
+    top_k: list[ClassScore]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    backend: str
+    predictions: list[ImagePrediction]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    backend: str
+
+
+class ModelInfo(BaseModel):
+    model_name: str
+    class_names: list[str]
+    image_size: int
+    mean: float
+    std: float
+    data_hash: str
+    params_hash: str
+    metrics: dict[str, Any]
+    epoch: int
+    backend: str
+    limits: dict[str, int]
+
+
+class ErrorResponse(BaseModel):
+    detail: str
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _error(status_code: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status_code)
+
+
+class BodyLimit:
+    """Refuses an upload by its Content-Length before any of it is read or spooled to disk."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/predict":
+            settings: Settings = scope["app"].state.settings
+            length = dict(scope["headers"]).get(b"content-length")
+            response = None
+            if length is None:
+                response = _error(411, "Content-Length header required (chunked uploads are not accepted)")
+            elif not length.isdigit():
+                response = _error(
+                    400, f"Content-Length header is not a number: {length.decode(errors='replace')!r}"
+                )
+            elif int(length) > settings.max_body_bytes:
+                response = _error(
+                    413,
+                    f"request body of {int(length)} bytes is over the limit of {settings.max_body_bytes} "
+                    f"({settings.max_files} files of at most {settings.max_file_bytes} bytes)",
+                )
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _classify(
+    predictor: Predictor, uploads: list[tuple[str, bytes]], settings: Settings, top_k: int
+) -> list[Prediction]:
+    features = []
+    for name, data in uploads:
+        img = open_image(data, name, settings.max_pixels, settings.max_file_bytes)
+        try:
+            features.append(predictor.preprocess([img])[0])
+        except OracleMnistError as exc:
+            raise OracleMnistError(f"{name}: {exc}") from None
+    return predictor.predict_features(np.stack(features), top_k)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+        parts.append(f"{field or 'request'}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) + " (send images as multipart/form-data field 'files')"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The app; `settings` default to the environment, read when the server starts."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            resolved = settings or Settings.from_env()
+            predictor = Predictor.from_file(resolved.model_path, resolved.backend)
+            predictor.check_top_k(resolved.top_k)
+        except OracleMnistError as exc:
+            logger.error("oracle-mnist API cannot start: %s", exc)
+            raise
+        app.state.settings = resolved
+        app.state.predictor = predictor
+        logger.info("serving %s (%s) from %s", predictor.meta.model_name, predictor.backend, predictor.path)
+        yield
+
+    app = FastAPI(
+        title="oracle-mnist",
+        summary="Classify images of oracle-bone characters (Oracle-MNIST's 10 classes).",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit)
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": text}
+        for code, text in (
+            (400, "malformed request"),
+            (411, "no Content-Length"),
+            (413, "too many files, a file too large, or an image with too many pixels"),
+            (422, "empty upload, not an image, truncated or corrupt image, or a bad field"),
+        )
+    }
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status_code, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, _validation_message(exc))
+
+    @app.get("/health", response_model=Health)
+    async def health(request: Request) -> Health:
+        predictor: Predictor = request.app.state.predictor
+        return Health(status="ok", model=predictor.meta.model_name, backend=predictor.backend)
+
+    @app.get("/model", response_model=ModelInfo)
+    async def model_info(request: Request) -> ModelInfo:
+        predictor: Predictor = request.app.state.predictor
+        current: Settings = request.app.state.settings
+        meta = asdict(predictor.meta)
+        limits = {k: v for k, v in asdict(current).items() if k.startswith("max_")}
+        return ModelInfo(
+            **{**meta, "class_names": list(meta["class_names"])}, backend=predictor.backend, limits=limits
+        )
+
+    @app.post("/predict", response_model=PredictResponse, responses=errors)
+    async def predict(
+        request: Request,
+        files: Annotated[list[UploadFile], File(description="one or more images of any format Pillow reads")],
+        top_k: Annotated[int | None, Query(ge=1, description="classes listed per image")] = None,
+    ) -> PredictResponse:
+        predictor: Predictor = request.app.state.predictor
+        current: Settings = request.app.state.settings
+        if len(files) > current.max_files:
+            raise ApiError(
+                413, f"files: {len(files)} files sent; the limit is {current.max_files} per request"
+            )
+        k = top_k if top_k is not None else current.top_k
+        if k > len(predictor.class_names):
+            raise ApiError(422, f"top_k: must be between 1 and {len(predictor.class_names)}, got {k}")
+        uploads = []
+        for i, upload in enumerate(files):
+            name = upload.filename or f"files[{i}]"
+            # One byte past the limit is enough to know the file is too large.
+            uploads.append((name, await upload.read(current.max_file_bytes + 1)))
+        try:
+            predictions = await run_in_threadpool(_classify, predictor, uploads, current, k)
+        except ImageTooLargeError as exc:
+            raise ApiError(413, str(exc)) from None
+        except OracleMnistError as exc:
+            raise ApiError(422, str(exc)) from None
+        return PredictResponse(
+            model=predictor.meta.model_name,
+            backend=predictor.backend,
+            predictions=[
+                ImagePrediction(file=name, **pred.to_dict())
+                for (name, _), pred in zip(uploads, predictions, strict=True)
+            ],
+        )
+
+    return app
+
+
+app = create_app()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(env: Mapping[str, str], startup_timeout: float = 60.0) -> Iterator[str]:
+    """Run `uvicorn oracle_mnist.api:app` in a child process on 127.0.0.1 (a free port) with `env` added to
+    the environment; yield its base URL once /health answers; stop it on exit. For tests and benchmarks."""
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "oracle_mnist.api:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    cmd += ["--no-access-log", "--log-level", "warning"]
+    url = f"http://127.0.0.1:{port}"
+    # A file, not a pipe: nobody reads the log while the server runs, and a full pipe would block it.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    output = log.read().decode(errors="replace")
+                    raise OracleMnistError(
+                        f"API server exited with status {proc.returncode} at start-up:\n{output}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                        if resp.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"API server did not answer {url}/health within {startup_timeout} s")
+                time.sleep(0.1)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)

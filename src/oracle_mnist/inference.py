@@ -1,0 +1,215 @@
+"""Classify images of any size, colour mode and format with a saved model, through the training preprocessing.
+
+The conversion is `images.convert` and the normalisation `images.to_tensor`, the very functions featurize and
+train use, so a served model sees its inputs exactly as it saw them in training. Two backends run the same
+weights: "torch" (models/model.pt) and "onnx" (models/model.onnx written by the export stage, which carries
+the model's metadata inside the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.images import convert, to_tensor
+from oracle_mnist.models import ModelMeta, load_model
+
+BACKENDS = ("torch", "onnx")
+DEFAULT_MODEL_PATHS = {"torch": Path("models/model.pt"), "onnx": Path("models/model.onnx")}
+# Key of the ONNX metadata_props entry holding the ModelMeta as JSON.
+ONNX_META_KEY = "oracle_mnist.meta"
+# Images per forward pass when classifying many files: bounds memory, not results.
+BATCH_SIZE = 256
+
+
+class BadImageError(OracleMnistError):
+    """An input that is not a readable image: empty, not an image format, truncated or corrupt."""
+
+
+class ImageTooLargeError(BadImageError):
+    """An input over a size limit (bytes or pixels): refused before it is decoded."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The most likely class of one image and the `k` most likely ones, best first."""
+
+    index: int
+    name: str
+    probability: float
+    top_k: tuple[tuple[int, str, float], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "probability": self.probability,
+            "top_k": [{"index": i, "name": n, "probability": p} for i, n, p in self.top_k],
+        }
+
+
+def open_image(data: bytes, name: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+    """Decode `data` fully into a PIL image, or raise BadImageError naming `name` and the problem.
+
+    The pixel count is checked from the header before decoding, so a decompression bomb costs nothing.
+    """
+    if not data:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise BadImageError(f"{name}: not an image file Pillow can read") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+        )
+    if width < 1 or height < 1:
+        raise BadImageError(f"{name}: image has no pixels ({width}x{height})")
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImageError(f"{name}: truncated or corrupt image: {exc}") from None
+    return img
+
+
+def read_image_file(path: str | Path, max_pixels: int) -> Image.Image:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise BadImageError(f"{path}: is a directory, not an image file") from None
+    except OSError as exc:
+        raise BadImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return open_image(data, str(path), max_pixels)
+
+
+def meta_from_dict(raw: Any, source: str) -> ModelMeta:
+    known = {f.name for f in dataclasses.fields(ModelMeta)}
+    if not isinstance(raw, dict) or not known >= set(raw):
+        raise OracleMnistError(f"{source}: model metadata is missing or has unknown fields")
+    try:
+        return ModelMeta(**{**raw, "class_names": tuple(raw["class_names"])})
+    except (TypeError, KeyError) as exc:
+        raise OracleMnistError(f"{source}: model metadata is incomplete: {exc}") from None
+
+
+def _torch_runner(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
+    def run(batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return model(batch).float().numpy()
+
+    return run
+
+
+def _load_onnx(path: Path) -> tuple[Callable[[torch.Tensor], np.ndarray], ModelMeta]:
+    import onnxruntime as ort  # only the onnx backend needs it
+
+    if not path.is_file():
+        raise OracleMnistError(f"{path}: ONNX model file not found (run `dvc repro export` or `dvc pull`)")
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+        raise OracleMnistError(f"{path}: not a readable ONNX model: {exc}") from None
+    raw = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+    if raw is None:
+        raise OracleMnistError(f"{path}: no {ONNX_META_KEY} metadata; export it with stages/export.py")
+    meta = meta_from_dict(json.loads(raw), str(path))
+    input_name = session.get_inputs()[0].name
+
+    def run(batch: torch.Tensor) -> np.ndarray:
+        return session.run(None, {input_name: batch.numpy()})[0]
+
+    return run, meta
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class Predictor:
+    """A model loaded once, classifying PIL images or converted feature arrays."""
+
+    def __init__(self, meta: ModelMeta, run: Callable[[torch.Tensor], np.ndarray], backend: str, path: Path):
+        self.meta = meta
+        self.backend = backend
+        self.path = path
+        self._run = run
+        # One forward pass at a time: each already uses every core, and concurrent ones (API threads)
+        # would only oversubscribe them.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, model_path: str | Path | None = None, backend: str = "torch") -> Predictor:
+        if backend not in BACKENDS:
+            raise OracleMnistError(f"backend: {backend!r} is not one of {list(BACKENDS)}")
+        path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATHS[backend]
+        if backend == "torch":
+            model, meta = load_model(path)
+            return cls(meta, _torch_runner(model), backend, path)
+        run, meta = _load_onnx(path)
+        return cls(meta, run, backend, path)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.meta.class_names
+
+    def check_top_k(self, top_k: int) -> int:
+        if not 1 <= top_k <= len(self.class_names):
+            raise OracleMnistError(f"top_k: must be between 1 and {len(self.class_names)}, got {top_k}")
+        return top_k
+
+    def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """uint8 (N, S, S) arrays exactly like featurize's, via the shared conversion."""
+        size = self.meta.image_size
+        if not images:
+            return np.zeros((0, size, size), dtype=np.uint8)
+        return np.stack([convert(img, size) for img in images])
+
+    def logits(self, features: np.ndarray) -> np.ndarray:
+        """float32 (N, C) logits for uint8 (N, S, S) feature arrays."""
+        chunks = []
+        for start in range(0, len(features), BATCH_SIZE):
+            batch = to_tensor(features[start : start + BATCH_SIZE], self.meta.mean, self.meta.std)
+            with self._lock:
+                chunks.append(self._run(batch))
+        if not chunks:
+            return np.zeros((0, len(self.class_names)), dtype=np.float32)
+        return np.concatenate(chunks)
+
+    def predict_features(self, features: np.ndarray, top_k: int = 1) -> list[Prediction]:
+        k = self.check_top_k(top_k)
+        probs = softmax(self.logits(features))
+        names = self.class_names
+        out = []
+        for row in probs:
+            best = np.argsort(-row, kind="stable")[:k]
+            ranked = tuple((int(i), names[i], float(row[i])) for i in best)
+            out.append(
+                Prediction(index=ranked[0][0], name=ranked[0][1], probability=ranked[0][2], top_k=ranked)
+            )
+        return out
+
+    def predict(self, images: Sequence[Image.Image], top_k: int = 1) -> list[Prediction]:
+        self.check_top_k(top_k)
+        return self.predict_features(self.preprocess(images), top_k)
