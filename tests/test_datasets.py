@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import gzip
+import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from oracle_mnist.datasets import (
     class_counts,
+    convert_scans,
     label_of_folder,
     load_features,
+    load_manifest,
+    open_scan,
     read_idx,
     read_idx_split,
     save_features,
+    save_manifest,
+    scan_items,
+    split_scans,
     stratified_split,
     write_idx,
 )
@@ -138,3 +148,110 @@ def test_label_of_folder_accepts_numbers_and_names():
     assert label_of_folder("10", CLASSES) is None
     assert label_of_folder("03", CLASSES) is None
     assert label_of_folder("dragon", CLASSES) is None
+
+
+def png_bomb(path: Path, width: int, height: int) -> Path:
+    """A real 1-bit PNG of width x height black pixels: a few kB on disk, `width * height` pixels decoded."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    row = b"\0" * (1 + (width + 7) // 8)
+    packer = zlib.compressobj(9)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+def scans_tree(root: Path, per_class: int = 2, size: int = 32) -> Path:
+    for split in ("train", "test"):
+        for label in range(10):
+            (root / split / str(label)).mkdir(parents=True)
+            for i in range(per_class):
+                img = np.full((size, size + i), 255, dtype=np.uint8)
+                img[size // 4 : -size // 4, size // 2 - 2 : size // 2 + 2] = label * 10
+                Image.fromarray(img).save(root / split / str(label) / f"{i}.png")
+    return root
+
+
+def test_scan_items_reads_the_layout_by_number_or_name(tmp_path: Path):
+    root = scans_tree(tmp_path / "scans")
+    (root / "train" / "3").rename(root / "train" / "cattle")
+    (root / "train" / "cattle" / ".DS_Store").write_bytes(b"litter")
+    items = scan_items(root, "train", CLASSES)
+    assert len(items) == 20
+    assert ("train/cattle/0.png", 3) in items and ("train/0/1.png", 0) in items
+    assert all(not name.endswith(".DS_Store") for name, _ in items)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        (lambda r: (r / "train" / "dragon").mkdir(), r"train/dragon: unknown class folder 'dragon'"),
+        (lambda r: shutil.rmtree(r / "train" / "7"), r"train: no images for class\(es\) 7 \(arrow\)"),
+        (
+            lambda r: (r / "train" / "loose.png").write_bytes(b""),
+            r"train/loose.png: a file outside a class folder",
+        ),
+        (
+            lambda r: (r / "train" / "1" / "sub").mkdir(),
+            r"train/1/sub: unexpected folder inside a class folder",
+        ),
+        (lambda r: shutil.rmtree(r / "train"), r"train: missing"),
+    ],
+)
+def test_scan_items_refuses_bad_layouts(tmp_path: Path, breakage, message):
+    root = scans_tree(tmp_path / "scans")
+    breakage(root)
+    with pytest.raises(OracleMnistError, match=message):
+        scan_items(root, "train", CLASSES)
+
+
+def test_open_scan_refuses_bad_files(tmp_path: Path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(OracleMnistError, match=r"empty.png: empty file \(0 bytes\)"):
+        open_scan(tmp_path / "empty.png", 16, 40_000_000)
+    (tmp_path / "notes.jpg").write_text("not an image")
+    with pytest.raises(OracleMnistError, match=r"notes.jpg: not an image file Pillow can read"):
+        open_scan(tmp_path / "notes.jpg", 16, 40_000_000)
+    Image.new("L", (64, 64), 128).save(tmp_path / "cut.png")
+    data = (tmp_path / "cut.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(OracleMnistError, match=r"cut.png: cannot decode image"):
+        open_scan(tmp_path / "cut.png", 16, 40_000_000)
+    Image.new("L", (40, 10)).save(tmp_path / "thin.png")
+    with pytest.raises(OracleMnistError, match=r"thin.png: 40x10 is smaller than featurize.min_side=16"):
+        open_scan(tmp_path / "thin.png", 16, 40_000_000)
+
+
+def test_open_scan_refuses_decompression_bombs_before_decoding(tmp_path: Path):
+    bomb = png_bomb(tmp_path / "bomb.png", 10_000, 10_000)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(
+        OracleMnistError,
+        match=r"bomb.png: 10000x10000 = 100000000 pixels exceeds featurize.max_pixels=40000000",
+    ):
+        open_scan(bomb, 16, 40_000_000)
+    # Beyond twice Pillow's own limit, Pillow refuses at open; the message still names the file.
+    huge = png_bomb(tmp_path / "huge.png", 20_000, 20_000)
+    with pytest.raises(OracleMnistError, match=r"huge.png: refused as a decompression bomb"):
+        open_scan(huge, 16, 10**12)
+
+
+def test_split_scans_and_convert_scans(tmp_path: Path):
+    root = scans_tree(tmp_path / "scans", per_class=10)
+    manifests = split_scans(root, CLASSES, 0.2, 42, 16, 40_000_000)
+    assert [len(manifests[s]) for s in ("train", "val", "test")] == [80, 20, 100]
+    assert class_counts(np.array([label for _, label in manifests["val"]]), 10) == [2] * 10
+    assert manifests == split_scans(root, CLASSES, 0.2, 42, 16, 40_000_000)
+    paths = [root / name for name, _ in manifests["test"]]
+    images = convert_scans(paths, 20, 16, 40_000_000)
+    assert images.shape == (100, 20, 20) and images.dtype == np.uint8
+    # Dark bar on white -> bright vertical bar on black, in the middle column.
+    assert images[:, 6:14, 7:13].max(axis=2).min() > 200 and images[:, :, :5].max() < 30
+    save_manifest(tmp_path / "m.json", manifests["test"])
+    assert load_manifest(tmp_path / "m.json", 10) == manifests["test"]
+    (tmp_path / "bad.json").write_text('[{"path": "x.png"}]')
+    with pytest.raises(OracleMnistError, match=r"bad.json: not a scans manifest"):
+        load_manifest(tmp_path / "bad.json", 10)
