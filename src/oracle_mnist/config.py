@@ -38,11 +38,79 @@ class FeaturizeConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    """Per-batch training augmentation suited to glyphs: small affine moves and occlusion, never flips."""
+
+    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
+    translate: float = 0.1  # fraction of the image side
+    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    shear: float = 5.0  # degrees
+    erase_prob: float = 0.25  # probability of one background-filled rectangle per image
+    erase_max_area: float = 0.15  # its largest area, as a fraction of the image
+
+    def __post_init__(self) -> None:
+        for name in ("rotate", "translate", "scale", "shear", "erase_prob", "erase_max_area"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.augment.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.scale >= 1 or self.erase_prob > 1 or self.erase_max_area > 1:
+            raise ConfigError("train.augment: scale must be < 1, erase_prob and erase_max_area <= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64  # global: split across processes under torchrun
+    lr: float = 0.002  # AdamW peak learning rate, reached after the warm-up
+    min_lr: float = 0.00001  # end of the cosine decay
+    warmup_epochs: int = 2
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+    amp: bool = True  # mixed precision, used on CUDA only
+    pretrained: bool = False
+    weights_file: str | None = None  # local pretrained weights (offline); None: timm's download
+    batches_per_epoch: int | None = None  # None: the whole training split each epoch
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "seed"):
+            if getattr(self, name) < (0 if name == "seed" else 1):
+                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"train.warmup_epochs: must be in [0, epochs), got {self.warmup_epochs}")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(
+                f"train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.lr}/{self.min_lr}"
+            )
+        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
+            raise ConfigError("train.label_smoothing must be in [0, 1) and train.weight_decay >= 0")
+        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
+            raise ConfigError(
+                f"train.batches_per_epoch: must be positive or null, got {self.batches_per_epoch}"
+            )
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 256
+    ece_bins: int = 15  # equal-width confidence bins for the expected calibration error
+    max_misclassified: int = 36  # images in plots/misclassified.png
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "ece_bins", "max_misclassified"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"evaluate.{name}: must be positive, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class Params:
     model: str
     classes: tuple[str, ...]
     data: DataConfig = field(default_factory=DataConfig)
     featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     @property
     def num_classes(self) -> int:
