@@ -24,7 +24,10 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 SAMPLE_DIR = Path(os.environ.get("ORACLE_MNIST_SAMPLE", REPO.parent / "shared/data/oracle-mnist-sample"))
 
 # Shrunken settings for tests that run the pipeline: same code, less work.
-TEST_PARAMS: dict[str, Any] = {}
+TEST_PARAMS: dict[str, Any] = {
+    # Two epochs of three batches: every code path of train/evaluate runs, in seconds.
+    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "batches_per_epoch": 3},
+}
 
 
 @pytest.fixture(scope="session")

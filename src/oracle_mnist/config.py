@@ -96,6 +96,7 @@ class EvaluateConfig:
     batch_size: int = 256
     ece_bins: int = 15  # equal-width confidence bins for the expected calibration error
     max_misclassified: int = 36  # images in plots/misclassified.png
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "ece_bins", "max_misclassified"):

@@ -9,6 +9,8 @@ one process would; only the split of each batch's BatchNorm statistics differs (
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import sys
@@ -70,6 +72,20 @@ def close_distributed(info: DistInfo) -> None:
     if info.distributed and torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def digest_arrays(*arrays: np.ndarray) -> str:
+    """sha256 over arrays' dtypes, shapes and contents: identifies data independently of file encoding."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """sha256 of a JSON-able object in canonical form (sorted keys)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def select_device(pref: str, info: DistInfo = DistInfo()) -> torch.device:

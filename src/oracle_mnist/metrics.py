@@ -1,0 +1,107 @@
+"""Evaluation numbers from logits and labels: accuracy, F1, top-k, loss, calibration, confusion records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+from oracle_mnist.errors import OracleMnistError
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (no label smoothing)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
+    """Share of samples whose true class is among the k most probable (ties broken by lower class index)."""
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == labels[:, None]).any(axis=1).mean())
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
+    """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share of samples."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    # Bin i holds confidences in (i/bins, (i+1)/bins]; confidence is always > 0, so nothing is lost.
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            ece += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(ece)
+
+
+def evaluate(
+    logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], ece_bins: int = 15
+) -> dict[str, Any]:
+    """All test metrics as one JSON-able dict (DVC metrics: nested per-class numbers flatten in `dvc exp show`)."""
+    n_classes = len(class_names)
+    if logits.ndim != 2 or logits.shape != (len(labels), n_classes):
+        raise OracleMnistError(
+            f"logits {logits.shape} do not match {len(labels)} labels x {n_classes} classes"
+        )
+    if len(labels) == 0:
+        raise OracleMnistError("no test images to evaluate")
+    probs = softmax(logits)
+    preds = probs.argmax(axis=1)
+    classes = list(range(n_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, preds, labels=classes, zero_division=0
+    )
+    return {
+        "accuracy": _r(float((preds == labels).mean())),
+        "macro_f1": _r(float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))),
+        "top2_accuracy": _r(top_k_accuracy(probs, labels, 2)),
+        "loss": _r(cross_entropy(logits, labels)),
+        "ece": _r(expected_calibration_error(probs, labels, ece_bins)),
+        "n": len(labels),
+        "per_class": {
+            name: {
+                "precision": _r(float(precision[i])),
+                "recall": _r(float(recall[i])),
+                "f1": _r(float(f1[i])),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+    }
+
+
+def confusion_records(
+    labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str]
+) -> list[dict[str, str]]:
+    """One {actual, predicted} row per sample: the input DVC's confusion templates count themselves."""
+    return [
+        {"actual": class_names[t], "predicted": class_names[p]} for t, p in zip(labels, preds, strict=True)
+    ]
+
+
+def per_class_accuracy(
+    labels: np.ndarray, preds: np.ndarray, class_names: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Rows {class, accuracy} (the class's recall) for a bar plot; a class without samples gets 0."""
+    rows = []
+    for i, name in enumerate(class_names):
+        members = labels == i
+        rows.append(
+            {"class": name, "accuracy": _r(float((preds[members] == i).mean()) if members.any() else 0.0)}
+        )
+    return rows
+
+
+def _r(value: float) -> float:
+    # Six decimals: differences below that are float noise, and shorter numbers read better in `dvc exp show`.
+    return round(value, 6)

@@ -1,0 +1,55 @@
+"""DVC stage evaluate: models/model.pt on the test split -> metrics/evaluate.json and the evaluation plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from oracle_mnist import engine, figures, metrics
+from oracle_mnist.config import load_params
+from oracle_mnist.datasets import load_features
+from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.fsutil import atomic_path, write_json
+from oracle_mnist.images import to_tensor
+from oracle_mnist.models import load_model
+
+PARAMS = Path("params.yaml")
+MODEL = Path("models/model.pt")
+TEST = Path("data/features/test.npz")
+METRICS = Path("metrics/evaluate.json")
+CONFUSION = Path("plots/confusion.json")
+PER_CLASS = Path("plots/per_class_accuracy.json")
+MISCLASSIFIED = Path("plots/misclassified.png")
+
+
+@exit_on_error
+def main() -> None:
+    cfg = load_params(PARAMS).evaluate
+    device = engine.select_device(cfg.device)
+    model, meta = load_model(MODEL, device)
+    images, labels = load_features(TEST)
+    if images.shape[1] != meta.image_size:
+        raise OracleMnistError(
+            f"{TEST}: images are {images.shape[1]} px but {MODEL} expects {meta.image_size} px"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= len(meta.class_names)):
+        raise OracleMnistError(f"{TEST}: labels outside the model's {len(meta.class_names)} classes")
+
+    logits = engine.predict_logits(
+        model, to_tensor(images, meta.mean, meta.std), device, cfg.batch_size
+    ).numpy()
+    report = metrics.evaluate(logits, labels, meta.class_names, cfg.ece_bins)
+    probs = metrics.softmax(logits)
+    preds = probs.argmax(axis=1)
+
+    write_json(METRICS, report)
+    write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
+    write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
+    grid = figures.misclassified_grid(
+        images, labels, preds, probs.max(axis=1), meta.class_names, max_images=cfg.max_misclassified
+    )
+    with atomic_path(MISCLASSIFIED) as tmp:
+        grid.save(tmp, format="PNG")
+
+
+if __name__ == "__main__":
+    main()

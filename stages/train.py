@@ -1,0 +1,98 @@
+"""DVC stage train: features -> models/model.pt (best epoch by validation accuracy) and dvclive curves.
+
+Runs as `python stages/train.py` or, unchanged, as `torchrun --nproc_per_node=N stages/train.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from dvclive import Live
+
+from oracle_mnist import engine
+from oracle_mnist.config import load_params
+from oracle_mnist.datasets import load_features
+from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.models import ModelMeta, build_model, save_model
+
+PARAMS = Path("params.yaml")
+FEATURES = Path("data/features")
+MODEL = Path("models/model.pt")
+LIVE_DIR = Path("dvclive")
+# Not a DVC output: DVC deletes outputs before it reruns a stage, and `persist: true` would cost the
+# run-cache (treeverse/dvc#10412). Each run's checkpoints sit under a key of its params and data.
+CHECKPOINTS = Path("checkpoints/train")
+
+
+def _load_split(name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = load_features(FEATURES / f"{name}.npz")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise OracleMnistError(
+            f"{FEATURES / name}.npz: labels outside the {num_classes} classes in params.yaml"
+        )
+    return images, labels
+
+
+@exit_on_error
+def main() -> None:
+    params = load_params(PARAMS)
+    cfg = params.train
+    train = _load_split("train", params.num_classes)
+    val = _load_split("val", params.num_classes)
+    size = train[0].shape[1]
+    if val[0].shape[1] != size:
+        raise OracleMnistError(f"{FEATURES}: train images are {size} px but val images {val[0].shape[1]} px")
+
+    info = engine.init_distributed(cfg.device)
+    device = engine.select_device(cfg.device, info)
+    engine.make_deterministic(cfg.seed)
+    model = build_model(params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file)
+    # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
+    mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
+    data_hash = engine.digest_arrays(*train, *val)
+    params_hash = engine.digest_json({"model": params.model, "classes": params.classes, "train": asdict(cfg)})
+    run_key = engine.digest_json([params_hash, data_hash, info.world_size])
+
+    live = Live(str(LIVE_DIR), save_dvc_exp=False, dvcyaml=None) if info.is_main else None
+
+    def log_epoch(stats: engine.EpochStats) -> None:
+        assert live is not None
+        live.step = stats.epoch
+        live.log_metric("train/loss", stats.train_loss)
+        live.log_metric("val/loss", stats.val_loss)
+        live.log_metric("val/acc", stats.val_acc)
+        live.log_metric("lr", stats.lr)
+        live.make_summary()
+
+    checkpoints = CHECKPOINTS / run_key[:16]
+    result = engine.fit(
+        model, train, val, mean, std, cfg, device=device, info=info, checkpoint_dir=checkpoints,
+        fingerprint=run_key, on_epoch=log_epoch if live is not None else None,
+    )  # fmt: skip
+    if live is not None and result.best is not None:
+        best = result.best
+        live.log_metric("best/epoch", best.epoch, plot=False)
+        live.log_metric("best/val_acc", best.val_acc, plot=False)
+        live.log_metric("best/val_loss", best.val_loss, plot=False)
+        live.end()
+        model.load_state_dict(result.state_dict)
+        meta = ModelMeta(
+            model_name=params.model,
+            class_names=params.classes,
+            image_size=size,
+            mean=mean,
+            std=std,
+            data_hash=data_hash,
+            params_hash=params_hash,
+            metrics={"val_acc": best.val_acc, "val_loss": best.val_loss, "train_loss": best.train_loss},
+            epoch=best.epoch,
+        )
+        save_model(MODEL, model, meta)
+        engine.clear_checkpoints(checkpoints)
+    engine.close_distributed(info)
+
+
+if __name__ == "__main__":
+    main()
