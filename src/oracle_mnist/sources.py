@@ -233,7 +233,7 @@ def download(url: str, dest: Path, timeout: float, retries: int, backoff: float 
 def download_text(url: str, timeout: float, retries: int) -> str | None:
     """A small text file, or None when the server says it has none (404)."""
     with tempfile.TemporaryDirectory() as tmpdir:
-        tmp = Path(tmpdir) / "text"
+        tmp = Path(tmpdir) / url.rsplit("/", 1)[-1]
         try:
             download(url, tmp, timeout, retries)
         except NotFoundError:
