@@ -1,0 +1,248 @@
+"""The GCS remote for real, against gcp-storage-emulator on 127.0.0.1: a pushed result comes back on a fresh
+clone and reproduces nothing; a corrupted remote object is refused; a remote that stops answering fails
+clearly in bounded time. The shrunken pipeline (TEST_PARAMS) runs once for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import dvc, git, make_repo_copy, run
+
+from oracle_mnist.fsutil import sha256_file
+
+REMOTE = "gcs"
+# fsspec hands FSSPEC_GS_<KWARG> to gcsfs: a per-request timeout, the one bound dvc-gs has on a silent remote.
+REQUEST_TIMEOUT_ENV = "FSSPEC_GS_REQUESTS_TIMEOUT"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def committed_remote_url() -> tuple[str, str]:
+    """(bucket, path) of the remote the repository commits, so the test exercises that very setting."""
+    url = run([sys.executable, "-m", "dvc", "config", f"remote.{REMOTE}.url"], cwd=Path(__file__).parents[1])
+    parts = urllib.parse.urlsplit(url.stdout.strip())
+    assert parts.scheme == "gs", url.stdout
+    return parts.netloc, parts.path.strip("/")
+
+
+class Emulator:
+    def __init__(self, port: int, bucket: str, prefix: str) -> None:
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def names(self) -> list[str]:
+        names: list[str] = []
+        token = ""
+        while True:
+            url = f"{self.endpoint}/storage/v1/b/{self.bucket}/o?prefix={self.prefix}/{token}"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                page = json.load(resp)
+            names += [item["name"] for item in page.get("items", [])]
+            if not page.get("nextPageToken"):
+                return names
+            token = f"&pageToken={page['nextPageToken']}"
+
+    def read(self, name: str) -> bytes:
+        quoted = urllib.parse.quote(name, safe="")
+        url = f"{self.endpoint}/download/storage/v1/b/{self.bucket}/o/{quoted}?alt=media"
+        with urllib.request.urlopen(url, timeout=30) as resp:
+            return resp.read()
+
+    def write(self, name: str, data: bytes) -> None:
+        quoted = urllib.parse.quote(name, safe="")
+        url = f"{self.endpoint}/upload/storage/v1/b/{self.bucket}/o?uploadType=media&name={quoted}"
+        request = urllib.request.Request(
+            url, data=data, method="POST", headers={"Content-Type": "application/octet-stream"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    bucket, prefix = committed_remote_url()
+    port = free_port()
+    cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
+    log = tmp_path_factory.mktemp("emulator") / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--in-memory", "--default-bucket", bucket],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"gcp-storage-emulator exited {proc.returncode}: {log.read_text()}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b/{bucket}", timeout=2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"gcp-storage-emulator did not answer within 30 s: {log.read_text()}")
+                time.sleep(0.2)
+        yield Emulator(port, bucket, prefix)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def use_endpoint(repo: Path, endpoint: str) -> None:
+    """What a user does once per clone, kept out of git: where the remote is and how to log in."""
+    dvc(repo, "remote", "modify", "--local", REMOTE, "endpointurl", endpoint)
+    dvc(repo, "remote", "modify", "--local", REMOTE, "allow_anonymous_login", "true")
+
+
+def lock_outs(repo: Path) -> dict[str, str]:
+    """path -> md5 of every output recorded in dvc.lock."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+
+
+def in_git(repo: Path, path: str) -> bool:
+    """`cache: false` outputs travel in git (committed metrics, small plots), not through the remote."""
+    return git(repo, "ls-files", "--error-unmatch", path, check=False).returncode == 0
+
+
+def cached_files(repo: Path) -> list[tuple[str, str, str]]:
+    """(output, file, md5) of every file the remote holds, single-file outputs (the model) first."""
+    singles, in_dirs = [], []
+    for out, md5 in lock_outs(repo).items():
+        if in_git(repo, out):
+            continue
+        if not md5.endswith(".dir"):
+            singles.append((out, out, md5))
+            continue
+        listing = json.loads((repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
+        in_dirs += [(out, f"{out}/{entry['relpath']}", entry["md5"]) for entry in listing]
+    return sorted(singles) + sorted(in_dirs)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(f.relative_to(path.parent)): sha256_file(f) for f in files}
+
+
+@pytest.fixture(scope="module")
+def origin(emulator: Emulator, sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shrunken pipeline run once, its results committed (dvc.lock) and pushed with the run-cache."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("origin") / "repo", sample_dir)
+    use_endpoint(repo, emulator.endpoint)
+    dvc(repo, "repro")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "results")
+    dvc(repo, "push", "--run-cache")
+    return repo
+
+
+def fresh_clone(origin: Path, dest: Path, endpoint: str) -> Path:
+    git(dest.parent, "clone", "-q", str(origin), dest.name)
+    use_endpoint(dest, endpoint)
+    return dest
+
+
+def test_push_holds_every_output_and_the_run_cache(origin: Path, emulator: Emulator) -> None:
+    names = emulator.names()
+    stored = {name.split("/files/md5/", 1)[1].replace("/", "") for name in names if "/files/md5/" in name}
+    for path, md5 in lock_outs(origin).items():
+        if in_git(origin, path):
+            continue
+        assert md5 in stored, f"{path} ({md5}) not pushed"
+        if md5.endswith(".dir"):
+            listing = json.loads((origin / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).read_text())
+            missing = [entry["relpath"] for entry in listing if entry["md5"] not in stored]
+            assert not missing, f"{path}: files not pushed: {missing}"
+    assert any(f"{emulator.prefix}/runs/" in name for name in names), "run-cache not pushed"
+
+
+def test_fresh_clone_pulls_the_result_and_reproduces_nothing(
+    origin: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    clone = fresh_clone(origin, tmp_path / "clone", emulator.endpoint)
+    outs = lock_outs(clone)
+    assert not any((clone / path).exists() for path in outs if not in_git(clone, path))
+
+    dvc(clone, "pull")
+    for path in outs:
+        assert tree_digest(clone / path) == tree_digest(origin / path), path
+
+    status = dvc(clone, "status")
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    repro = dvc(clone, "repro")
+    assert "Running stage" not in repro.stdout, repro.stdout
+    assert "Data and pipelines are up to date." in repro.stdout, repro.stdout
+    assert git(clone, "status", "--porcelain").stdout == ""
+
+
+def test_corrupted_remote_object_is_detected_and_not_used(
+    origin: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    out, path, md5 = cached_files(origin)[0]
+    name = f"{emulator.prefix}/files/md5/{md5[:2]}/{md5[2:]}"
+    original = emulator.read(name)
+    emulator.write(name, b"corrupted on the remote " + original[:64])
+    try:
+        clone = fresh_clone(origin, tmp_path / "clone", emulator.endpoint)
+        proc = dvc(clone, "pull", check=False)
+    finally:
+        emulator.write(name, original)
+
+    assert proc.returncode != 0
+    assert out in proc.stderr, proc.stderr
+    assert not (clone / path).exists(), f"corrupted {path} was placed in the workspace"
+    assert not (clone / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists(), "corrupted object kept in cache"
+    # Nothing bad was remembered: once the remote is repaired, the same clone pulls the exact result.
+    dvc(clone, "pull")
+    for other in lock_outs(origin):
+        assert tree_digest(clone / other) == tree_digest(origin / other), other
+
+
+def test_silent_remote_fails_clearly_in_bounded_time(origin: Path, tmp_path: Path) -> None:
+    timeout_s = 1
+    cached = [out for out in lock_outs(origin) if not in_git(origin, out)]
+    # Measured: DVC asks for each output's object about three times, each request waits `timeout_s`, and
+    # gives up with no retry on a timeout; plus its own start-up.
+    bound_s = 3 * len(cached) * (timeout_s + 1) + 20
+    # A listening socket that never accepts: connections open, requests go out, no answer ever comes.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        clone = fresh_clone(origin, tmp_path / "clone", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        start = time.monotonic()
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "pull"],
+            cwd=clone,
+            env={**os.environ, REQUEST_TIMEOUT_ENV: str(timeout_s)},
+            capture_output=True,
+            text=True,
+            timeout=bound_s + 60,
+        )
+        elapsed = time.monotonic() - start
+
+    assert proc.returncode != 0
+    assert elapsed < bound_s, f"dvc pull took {elapsed:.0f} s against a silent remote (bound {bound_s} s)"
+    bucket, prefix = committed_remote_url()
+    assert f"failed to connect to gs ({bucket}/{prefix}/" in proc.stderr, proc.stderr
+    assert "failed to pull data from the cloud" in proc.stderr, proc.stderr
+    assert not any((clone / out).exists() for out in cached)
