@@ -109,6 +109,14 @@ def test_resize_batch_matches_pillow_bicubic(sample_dir: Path):
         assert np.abs(ours.astype(int) - pillow).max() <= 2
 
 
+def test_resize_batch_is_the_same_across_its_memory_chunks(sample_dir: Path):
+    images = sample_images(sample_dir)  # 400 images at 224 px span two chunks
+    ours = resize_batch(images, 224)
+    for i in (0, 333, 334, 399):
+        pillow = np.asarray(Image.fromarray(images[i]).resize((224, 224), Image.Resampling.BICUBIC))
+        assert np.abs(ours[i].astype(int) - pillow).max() <= 2
+
+
 def test_resize_batch_refuses_non_uint8():
     with pytest.raises(OracleMnistError, match="expected uint8"):
         resize_batch(np.zeros((2, 4, 4), dtype=np.float32), 8)
