@@ -86,6 +86,16 @@ def test_dimensions_not_matching_payload_are_refused(tmp_path: Path):
         read_idx(path)
 
 
+def test_image_files_must_hold_square_images(tmp_path: Path):
+    write_idx(tmp_path / "images.gz", np.zeros((2, 28, 20), dtype=np.uint8))
+    write_idx(tmp_path / "labels.gz", np.array([0, 1], dtype=np.uint8))
+    with pytest.raises(
+        OracleMnistError,
+        match=r"images.gz: expected square images, idx dimensions \(N, S, S\), got \(2, 28, 20\)",
+    ):
+        read_idx_split(tmp_path / "images.gz", tmp_path / "labels.gz", 10)
+
+
 def test_count_mismatch_and_label_range_are_refused(tmp_path: Path):
     write_idx(tmp_path / "images.gz", np.zeros((3, 2, 2), dtype=np.uint8))
     write_idx(tmp_path / "labels.gz", np.array([0, 1], dtype=np.uint8))

@@ -84,8 +84,10 @@ def read_idx_split(images_path: Path, labels_path: Path, num_classes: int) -> tu
     """One split's image and label files -> (uint8 (N, H, W), int64 (N,)), checked against each other."""
     images = read_idx(images_path)
     labels = read_idx(labels_path)
-    if images.ndim != 3:
-        raise OracleMnistError(f"{images_path}: expected 3 idx dimensions (N, H, W), got {images.shape}")
+    if images.ndim != 3 or images.shape[1] != images.shape[2] or images.shape[1] == 0:
+        raise OracleMnistError(
+            f"{images_path}: expected square images, idx dimensions (N, S, S), got {images.shape}"
+        )
     if labels.ndim != 1:
         raise OracleMnistError(f"{labels_path}: expected 1 idx dimension (N,), got {labels.shape}")
     if len(images) != len(labels):
