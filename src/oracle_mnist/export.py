@@ -69,14 +69,17 @@ def max_logit_difference(
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max())
 
 
-def check_parity(model_path: str | Path, onnx_path: str | Path, features: np.ndarray) -> float:
-    """Export parity on real images: raise when the logits differ by more than PARITY_TOLERANCE."""
-    diff = max_logit_difference(
-        Predictor.from_file(model_path, "torch"), Predictor.from_file(onnx_path, "onnx"), features
-    )
-    if diff > PARITY_TOLERANCE:
+def check_parity(
+    torch_predictor: Predictor,
+    onnx_predictor: Predictor,
+    features: np.ndarray,
+    tolerance: float = PARITY_TOLERANCE,
+) -> float:
+    """Export parity on real images: the largest logit difference, or an error when it is over `tolerance`."""
+    diff = max_logit_difference(torch_predictor, onnx_predictor, features)
+    if not diff <= tolerance:
         raise OracleMnistError(
-            f"{onnx_path}: ONNX logits differ from torch by {diff:.3g} (> {PARITY_TOLERANCE}) on "
+            f"{onnx_predictor.path}: ONNX logits differ from torch by {diff:.3g} (> {tolerance}) on "
             f"{len(features)} images"
         )
     return diff

@@ -1,0 +1,315 @@
+"""The HTTP API, in-process (TestClient) and as a real `uvicorn oracle_mnist.api:app` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from oracle_mnist.api import Settings, create_app, free_port, serve_in_subprocess
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.inference import Predictor
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def glyphs(sample_test_images) -> list[bytes]:
+    return [png(Image.fromarray(g)) for g in sample_test_images[0][:8]]
+
+
+SMALL_LIMITS = {"max_files": 4, "max_file_bytes": 20_000, "max_pixels": 250_000}
+
+
+def bad_requests(glyphs: list[bytes]) -> dict[str, tuple[list, int, str]]:
+    """name -> (multipart files, expected status, text the error must contain), under SMALL_LIMITS."""
+    return {
+        "non-image": (
+            [("files", ("notes.txt", b"hello, not an image", "text/plain"))],
+            422,
+            "notes.txt: not an image file",
+        ),
+        "truncated": (
+            [("files", ("cut.png", glyphs[0][: len(glyphs[0]) // 2], "image/png"))],
+            422,
+            "cut.png: truncated or corrupt",
+        ),
+        "empty": ([("files", ("empty.png", b"", "image/png"))], 422, "empty.png: empty file"),
+        "too-many-files": (
+            [("files", (f"g{i}.png", glyphs[0], "image/png")) for i in range(5)],
+            413,
+            "5 files sent; the limit is 4",
+        ),
+        "too-large-file": (
+            [("files", ("noise.bmp", png(Image.effect_noise((150, 150), 60)), "image/png"))],
+            413,
+            "noise.bmp: file is larger than the limit of 20000 bytes",
+        ),
+        "too-many-pixels": (
+            [("files", ("wide.png", png(Image.new("L", (1000, 300))), "image/png"))],
+            413,
+            "wide.png: 1000x300 = 300000 pixels is over the limit of 250000",
+        ),
+        "bomb-header": (
+            [("files", ("bomb.png", bomb_header(60_000, 60_000), "image/png"))],
+            413,
+            "bomb.png:",
+        ),
+        "one-bad-among-good": (
+            [("files", ("ok.png", glyphs[0], "image/png")), ("files", ("bad.gif", b"GIF89a", "image/gif"))],
+            422,
+            "bad.gif",
+        ),
+    }
+
+
+# --- in-process -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(model_file: Path) -> TestClient:
+    with TestClient(create_app(Settings(model_path=model_file, **SMALL_LIMITS))) as c:
+        yield c
+
+
+def test_health_and_model_info(client: TestClient, model_file: Path):
+    assert client.get("/health").json() == {"status": "ok", "model": "resnet18", "backend": "torch"}
+    info = client.get("/model").json()
+    meta = Predictor.from_file(model_file).meta
+    assert info["model_name"] == "resnet18"
+    assert info["class_names"] == list(meta.class_names)
+    assert (info["data_hash"], info["metrics"], info["image_size"]) == (
+        "test-data-hash",
+        {"val_accuracy": 0.5},
+        28,
+    )
+    assert info["limits"] == SMALL_LIMITS
+
+
+def test_docs_and_openapi(client: TestClient):
+    assert client.get("/docs").status_code == 200
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/health", "/model"} <= set(spec["paths"])
+    assert {"413", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+
+
+def test_predict_classifies_a_batch_like_the_predictor(client: TestClient, model_file: Path, glyphs):
+    files = [("files", (f"g{i}.png", data, "image/png")) for i, data in enumerate(glyphs[:3])]
+    resp = client.post("/predict", files=files, params={"top_k": 2})
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    expected = Predictor.from_file(model_file).predict(
+        [Image.open(io.BytesIO(d)) for d in glyphs[:3]], top_k=2
+    )
+    assert (body["model"], body["backend"]) == ("resnet18", "torch")
+    assert [p["file"] for p in body["predictions"]] == ["g0.png", "g1.png", "g2.png"]
+    for got, want in zip(body["predictions"], expected, strict=True):
+        assert (got["index"], got["name"]) == (want.index, want.name)
+        assert got["probability"] == pytest.approx(want.probability)
+        assert [t["index"] for t in got["top_k"]] == [i for i, _, _ in want.top_k]
+    default_k = client.post("/predict", files=files[:1]).json()["predictions"][0]["top_k"]
+    assert len(default_k) == 3
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "non-image",
+        "truncated",
+        "empty",
+        "too-many-files",
+        "too-large-file",
+        "too-many-pixels",
+        "bomb-header",
+        "one-bad-among-good",
+    ],
+)
+def test_bad_uploads_get_a_4xx_naming_the_problem(client: TestClient, glyphs, case):
+    files, status, text = bad_requests(glyphs)[case]
+    resp = client.post("/predict", files=files)
+    assert resp.status_code == status, resp.text
+    assert text in resp.json()["detail"]
+
+
+def test_bad_fields_get_a_4xx(client: TestClient, glyphs):
+    resp = client.post("/predict", data={"other": "x"})
+    assert resp.status_code == 422
+    assert resp.json()["detail"].startswith("files: Field required")
+    resp = client.post("/predict", data={"files": "not a file"}, files=[("x", ("a", b"1"))])
+    assert resp.status_code == 422
+    resp = client.post("/predict", files=[("files", ("g.png", glyphs[0], "image/png"))], params={"top_k": 11})
+    assert (resp.status_code, resp.json()["detail"]) == (422, "top_k: must be between 1 and 10, got 11")
+    resp = client.post("/predict", files=[("files", ("g.png", glyphs[0], "image/png"))], params={"top_k": 0})
+    assert resp.status_code == 422
+    resp = client.post(
+        "/predict", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data; boundary=x"}
+    )
+    assert 400 <= resp.status_code < 500
+
+
+def test_settings_from_the_environment():
+    settings = Settings.from_env({"ORACLE_MNIST_BACKEND": "onnx", "ORACLE_MNIST_MAX_FILES": "3"})
+    assert (settings.model_path, settings.backend, settings.max_files) == (
+        Path("models/model.onnx"),
+        "onnx",
+        3,
+    )
+    assert Settings.from_env({}).model_path == Path("models/model.pt")
+    with pytest.raises(
+        OracleMnistError, match="ORACLE_MNIST_MAX_PIXELS: expected a positive integer, got '-5'"
+    ):
+        Settings.from_env({"ORACLE_MNIST_MAX_PIXELS": "-5"})
+    with pytest.raises(OracleMnistError, match="ORACLE_MNIST_BACKEND: 'tf' is not one of"):
+        Settings.from_env({"ORACLE_MNIST_BACKEND": "tf"})
+
+
+def test_app_refuses_to_start_without_its_model(tmp_path: Path):
+    app = create_app(Settings(model_path=tmp_path / "absent.pt"))
+    with (
+        pytest.raises(OracleMnistError, match=f"{tmp_path / 'absent.pt'}: model file not found"),
+        TestClient(app),
+    ):
+        pass
+
+
+# --- a real server --------------------------------------------------------------------------------------
+
+
+def server_env(model: Path, backend: str) -> dict[str, str]:
+    return {
+        "ORACLE_MNIST_MODEL": str(model),
+        "ORACLE_MNIST_BACKEND": backend,
+        **{f"ORACLE_MNIST_{k.upper()}": str(v) for k, v in SMALL_LIMITS.items()},
+    }
+
+
+@pytest.fixture(scope="module")
+def server(model_file: Path) -> str:
+    with serve_in_subprocess(server_env(model_file, "torch")) as url:
+        yield url
+
+
+def test_real_server_classifies_and_refuses_every_bad_input(server: str, model_file: Path, glyphs):
+    assert urlparse(server).hostname == "127.0.0.1"
+    with httpx.Client(base_url=server, timeout=30) as http:
+        assert http.get("/health").json()["status"] == "ok"
+        resp = http.post(
+            "/predict", files=[("files", (f"g{i}.png", d, "image/png")) for i, d in enumerate(glyphs[:4])]
+        )
+        assert resp.status_code == 200
+        expected = Predictor.from_file(model_file).predict([Image.open(io.BytesIO(d)) for d in glyphs[:4]])
+        assert [p["index"] for p in resp.json()["predictions"]] == [p.index for p in expected]
+        for case, (files, status, text) in bad_requests(glyphs).items():
+            resp = http.post("/predict", files=files)
+            assert resp.status_code == status, case
+            assert text in resp.json()["detail"], case
+
+
+def raw_request(url: str, head: bytes) -> bytes:
+    """Send `head` (request line and headers, no body) over a plain socket; return the whole response."""
+    parsed = urlparse(url)
+    with socket.create_connection((parsed.hostname, parsed.port), timeout=10) as sock:
+        sock.sendall(head)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < content_length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def content_length(response: bytes) -> int:
+    for line in response.partition(b"\r\n\r\n")[0].split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_real_server_refuses_oversized_and_unsized_bodies_before_reading(server: str):
+    huge = raw_request(
+        server,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Content-Length: 900000000\r\n\r\n",
+    )
+    assert huge.startswith(b"HTTP/1.1 413")
+    assert b"request body of 900000000 bytes is over the limit" in huge
+    chunked = raw_request(
+        server,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+    )
+    assert chunked.startswith(b"HTTP/1.1 411")
+
+
+def test_real_server_gives_no_5xx_to_8_concurrent_clients(server: str, glyphs):
+    requests = [([("files", ("g.png", glyphs[i % len(glyphs)], "image/png"))], 200) for i in range(24)]
+    requests += [(files, status) for files, status, _ in bad_requests(glyphs).values()] * 3
+
+    def send(item: tuple[list, int]) -> tuple[int, int]:
+        files, status = item
+        with httpx.Client(base_url=server, timeout=60) as http:
+            return http.post("/predict", files=files).status_code, status
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(send, requests))
+    assert [got for got, want in results if got != want] == []
+
+
+def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: Path, glyphs):
+    with (
+        serve_in_subprocess(server_env(onnx_model_file, "onnx")) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
+        assert http.get("/health").json() == {"status": "ok", "model": "resnet18", "backend": "onnx"}
+        resp = http.post(
+            "/predict", files=[("files", (f"g{i}.png", d, "image/png")) for i, d in enumerate(glyphs[:4])]
+        )
+    expected = Predictor.from_file(model_file).predict([Image.open(io.BytesIO(d)) for d in glyphs[:4]])
+    assert [p["index"] for p in resp.json()["predictions"]] == [p.index for p in expected]
+
+
+def test_uvicorn_refuses_to_start_without_the_model(tmp_path: Path):
+    missing = tmp_path / "absent.pt"
+    env = {**os.environ, "ORACLE_MNIST_MODEL": str(missing)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "oracle_mnist.api:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+    ]
+    start = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"oracle-mnist API cannot start: {missing}: model file not found" in proc.stderr
+    assert time.monotonic() - start < 120

@@ -1,0 +1,162 @@
+"""`oracle-mnist predict`: text and JSON output, both backends, and bad files named with exit status 1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oracle_mnist.cli import build_parser, main
+from oracle_mnist.inference import Predictor
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory: pytest.TempPathFactory, sample_test_images) -> list[Path]:
+    """Real sample test images as files: a plain PNG, an enlarged dark-on-light JPEG, an RGBA PNG."""
+    images, _ = sample_test_images
+    root = tmp_path_factory.mktemp("images")
+    plain = root / "plain.png"
+    Image.fromarray(images[0]).save(plain)
+    scan = root / "scan.jpg"
+    Image.fromarray(255 - images[1]).resize((140, 140), Image.Resampling.BICUBIC).convert("RGB").save(scan)
+    rgba = root / "cut-out.png"
+    Image.fromarray(images[2]).convert("RGBA").save(rgba)
+    return [plain, scan, rgba]
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_json_lists_every_image_with_its_top_k(capsys, model_file: Path, image_files: list[Path]):
+    code, out, _ = run_main(
+        capsys, "predict", *map(str, image_files), "--model", str(model_file), "--json", "--top-k", "3"
+    )
+    assert code == 0
+    rows = json.loads(out)
+    expected = Predictor.from_file(model_file).predict([Image.open(p) for p in image_files], top_k=3)
+    assert [row["file"] for row in rows] == [str(p) for p in image_files]
+    for row, pred in zip(rows, expected, strict=True):
+        assert set(row) == {"file", "index", "name", "probability", "top_k"}
+        assert (row["index"], row["name"]) == (pred.index, pred.name)
+        assert row["probability"] == pytest.approx(pred.probability)
+        assert [t["index"] for t in row["top_k"]] == [i for i, _, _ in pred.top_k]
+        assert len(row["top_k"]) == 3
+
+
+def test_text_output_names_file_class_index_and_probability(
+    capsys, model_file: Path, image_files: list[Path]
+):
+    code, out, _ = run_main(capsys, "predict", str(image_files[0]), "--model", str(model_file))
+    (pred,) = Predictor.from_file(model_file).predict([Image.open(image_files[0])])
+    assert code == 0
+    assert out == f"{image_files[0]}: {pred.name} ({pred.index}) {pred.probability:.4f}\n"
+    code, out, _ = run_main(
+        capsys, "predict", str(image_files[0]), "--model", str(model_file), "--top-k", "2"
+    )
+    lines = out.splitlines()
+    assert len(lines) == 3
+    assert lines[1].startswith(f"  1. {pred.name} ({pred.index})")
+
+
+def test_onnx_backend_gives_the_same_classes(capsys, model_file: Path, onnx_model_file: Path, image_files):
+    files = list(map(str, image_files))
+    _, by_torch, _ = run_main(capsys, "predict", *files, "--model", str(model_file), "--json", "--top-k", "3")
+    code, by_onnx, _ = run_main(
+        capsys,
+        "predict",
+        *files,
+        "--model",
+        str(onnx_model_file),
+        "--backend",
+        "onnx",
+        "--json",
+        "--top-k",
+        "3",
+    )
+    assert code == 0
+    for a, b in zip(json.loads(by_torch), json.loads(by_onnx), strict=True):
+        assert [t["index"] for t in a["top_k"]] == [t["index"] for t in b["top_k"]]
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-5)
+
+
+def test_bad_files_are_all_named_and_nothing_is_printed(
+    capsys, tmp_path: Path, model_file: Path, image_files
+):
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.png"
+    code, out, err = run_main(
+        capsys,
+        "predict",
+        str(image_files[0]),
+        str(text),
+        str(empty),
+        str(missing),
+        "--model",
+        str(model_file),
+    )
+    assert code == 1
+    assert out == ""
+    assert err.startswith("error: 3 of 4 file(s) not classified:")
+    assert f"{text}: not an image file" in err
+    assert f"{empty}: empty file" in err
+    assert f"{missing}: no such file" in err
+
+
+def test_too_many_pixels_is_refused(capsys, tmp_path: Path, model_file: Path):
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 300)).save(big)
+    code, _, err = run_main(capsys, "predict", str(big), "--model", str(model_file), "--max-pixels", "50000")
+    assert code == 1
+    assert f"{big}: 300x300 = 90000 pixels is over the limit of 50000" in err
+
+
+def test_missing_model_and_bad_top_k_are_errors(capsys, tmp_path: Path, model_file: Path, image_files):
+    code, _, err = run_main(capsys, "predict", str(image_files[0]), "--model", str(tmp_path / "none.pt"))
+    assert (code, err.strip()) == (
+        1,
+        f"error: {tmp_path / 'none.pt'}: model file not found (run `dvc repro train` or `dvc pull`)",
+    )
+    code, _, err = run_main(
+        capsys, "predict", str(image_files[0]), "--model", str(model_file), "--top-k", "11"
+    )
+    assert (code, err.strip()) == (1, "error: top_k: must be between 1 and 10, got 11")
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["predict"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["predict", "a.png", "--backend", "tf"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'tf'" in capsys.readouterr().err
+
+
+def test_installed_console_script(model_file: Path, image_files: list[Path]):
+    script = Path(sys.executable).with_name("oracle-mnist")
+    cmd = [str(script)] if script.is_file() else ["oracle-mnist"]
+    proc = subprocess.run(
+        [*cmd, "predict", str(image_files[1]), "--model", str(model_file), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (row,) = json.loads(proc.stdout)
+    (pred,) = Predictor.from_file(model_file).predict([Image.open(image_files[1])])
+    assert (row["file"], row["index"]) == (str(image_files[1]), pred.index)
+    assert np.isclose(row["probability"], pred.probability)

@@ -1,0 +1,122 @@
+"""ONNX export: metadata inside the file, a dynamic batch axis, parity with torch on real images, the stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import REPO
+
+from oracle_mnist.datasets import save_features
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.export import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    PARITY_TOLERANCE,
+    check_parity,
+    max_logit_difference,
+)
+from oracle_mnist.inference import ONNX_META_KEY, Predictor
+
+
+def test_onnx_file_carries_the_model_metadata_and_a_dynamic_batch(onnx_model_file: Path, model_file: Path):
+    proto = onnx.load(str(onnx_model_file))
+    props = {p.key: p.value for p in proto.metadata_props}
+    meta = json.loads(props[ONNX_META_KEY])
+    torch_meta = Predictor.from_file(model_file).meta
+    assert meta["model_name"] == "resnet18"
+    assert tuple(meta["class_names"]) == torch_meta.class_names
+    assert (meta["mean"], meta["std"], meta["data_hash"]) == (
+        torch_meta.mean,
+        torch_meta.std,
+        "test-data-hash",
+    )
+    (inp,) = proto.graph.input
+    (out,) = proto.graph.output
+    assert (inp.name, out.name) == (INPUT_NAME, OUTPUT_NAME)
+    dims = inp.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
+    assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_parity_with_torch_on_all_real_sample_test_images(model_file, onnx_model_file, sample_test_images):
+    images, _ = sample_test_images
+    diff = check_parity(
+        Predictor.from_file(model_file, "torch"), Predictor.from_file(onnx_model_file, "onnx"), images
+    )
+    assert 0 <= diff <= PARITY_TOLERANCE
+
+
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_any_batch_size_runs(onnx_model_file: Path, model_file: Path, sample_test_images, batch: int):
+    images = sample_test_images[0][:batch]
+    onnx_logits = Predictor.from_file(onnx_model_file, "onnx").logits(images)
+    assert onnx_logits.shape == (batch, 10)
+    np.testing.assert_allclose(
+        onnx_logits, Predictor.from_file(model_file).logits(images), rtol=0, atol=PARITY_TOLERANCE
+    )
+
+
+def test_parity_check_fails_on_a_difference_over_the_tolerance(model_file: Path, sample_test_images):
+    images = sample_test_images[0][:8]
+    reference = Predictor.from_file(model_file)
+    run = reference._run
+    shifted = Predictor(reference.meta, lambda batch: run(batch) + 2e-4, "onnx", Path("shifted.onnx"))
+    assert max_logit_difference(reference, shifted, images) == pytest.approx(2e-4, rel=0.05)
+    with pytest.raises(
+        OracleMnistError, match=r"shifted.onnx: ONNX logits differ from torch by 0.0002 \(> 0.0001\)"
+    ):
+        check_parity(reference, shifted, images)
+    stale = Predictor(dataclasses.replace(reference.meta, epoch=99), run, "onnx", Path("s.onnx"))
+    with pytest.raises(OracleMnistError, match=r"s\.onnx: metadata differs"):
+        check_parity(reference, stale, images)
+
+
+def test_export_stage_writes_the_onnx_model_and_its_parity(
+    tmp_path: Path, model_file: Path, sample_test_images
+):
+    images, labels = sample_test_images
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/model.pt").write_bytes(model_file.read_bytes())
+    save_features(tmp_path / "data/features/test.npz", images, labels)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/export.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "metrics/export.json").read_text())
+    assert report["images"] == 400
+    assert report["max_abs_logit_diff"] <= PARITY_TOLERANCE
+    assert f"{report['max_abs_logit_diff']:.2e} on 400 test images" in proc.stdout
+    np.testing.assert_allclose(
+        Predictor.from_file(tmp_path / "models/model.onnx", "onnx").logits(images[:5]),
+        Predictor.from_file(model_file).logits(images[:5]),
+        rtol=0,
+        atol=PARITY_TOLERANCE,
+    )
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.onnx", "model.pt"]
+
+
+def test_export_stage_fails_cleanly_without_a_model(tmp_path: Path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "stages/export.py")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert (
+        proc.stderr.strip()
+        == "error: models/model.pt: model file not found (run `dvc repro train` or `dvc pull`)"
+    )
+    assert not (tmp_path / "models/model.onnx").exists()

@@ -1,0 +1,241 @@
+"""Predictor: the training preprocessing on any image, both backends, top-k, and every kind of bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.images import glyph_is_dark, resize_batch
+from oracle_mnist.inference import (
+    BadImageError,
+    ImageTooLargeError,
+    Predictor,
+    open_image,
+    read_image_file,
+    softmax,
+)
+from oracle_mnist.models import ModelMeta
+
+CLASSES = ("big", "sun", "moon", "cattle", "next", "field", "not", "arrow", "time", "wood")
+
+
+def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but which holds no pixel data (a bomb's header)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def scan_like(glyph: np.ndarray, scale: int = 5) -> Image.Image:
+    """A rendition of a 28x28 sample image like an original scan: enlarged, dark brown ink on tan paper."""
+    big = Image.fromarray(glyph).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC)
+    ink = np.asarray(big, dtype=np.float64)[..., None] / 255.0
+    paper, brown = np.array([236.0, 224.0, 196.0]), np.array([52.0, 38.0, 30.0])
+    return Image.fromarray(np.clip(paper * (1 - ink) + brown * ink, 0, 255).astype(np.uint8))
+
+
+def fixed_predictor(logits: np.ndarray, image_size: int = 28) -> Predictor:
+    """A Predictor whose backend returns `logits` for any batch: tests the ranking without a network."""
+    meta = ModelMeta("fixed", CLASSES, image_size, 0.5, 0.25, "d", "p")
+    return Predictor(meta, lambda batch: np.repeat(logits[None], len(batch), axis=0), "torch", Path("fixed"))
+
+
+# --- reading files and bytes ---------------------------------------------------------------------------
+
+
+def test_open_image_decodes_every_format_and_mode(sample_test_images):
+    glyph = sample_test_images[0][3]
+    for mode, fmt in [
+        ("L", "PNG"),
+        ("RGB", "JPEG"),
+        ("RGBA", "PNG"),
+        ("P", "GIF"),
+        ("I;16", "TIFF"),
+        ("CMYK", "TIFF"),
+    ]:
+        img = open_image(encode(Image.fromarray(glyph).convert(mode), fmt), f"x.{fmt}", max_pixels=10_000)
+        assert img.size == (28, 28)
+        assert img.mode.startswith(mode[:1])
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        (b"", BadImageError, "x.png: empty file"),
+        (b"%PDF-1.4 not a picture", BadImageError, "x.png: not an image file"),
+        (encode(Image.new("L", (64, 64), 200))[:-40], BadImageError, "x.png: truncated or corrupt"),
+        (
+            encode(Image.new("L", (200, 100))),
+            ImageTooLargeError,
+            "x.png: 200x100 = 20000 pixels is over the limit of 10000",
+        ),
+        (png_header_only(100_000, 100_000), ImageTooLargeError, "x.png: .*pixels"),
+    ],
+    ids=["empty", "not-an-image", "truncated", "too-many-pixels", "decompression-bomb-header"],
+)
+def test_open_image_refuses_bad_input_naming_the_file(data, error, message):
+    with pytest.raises(error, match=message):
+        open_image(data, "x.png", max_pixels=10_000)
+
+
+def test_open_image_refuses_too_many_bytes():
+    data = encode(Image.new("L", (10, 10)))
+    with pytest.raises(
+        ImageTooLargeError, match=f"x.png: file is larger than the limit of {len(data) - 1} bytes"
+    ):
+        open_image(data, "x.png", max_pixels=10_000, max_bytes=len(data) - 1)
+    assert open_image(data, "x.png", max_pixels=10_000, max_bytes=len(data)).size == (10, 10)
+
+
+def test_read_image_file_names_missing_files_and_directories(tmp_path: Path):
+    with pytest.raises(BadImageError, match=f"{tmp_path / 'nope.png'}: no such file"):
+        read_image_file(tmp_path / "nope.png", 10_000)
+    with pytest.raises(BadImageError, match="is a directory"):
+        read_image_file(tmp_path, 10_000)
+
+
+# --- the preprocessing is featurize's ------------------------------------------------------------------
+
+
+def test_png_of_an_idx_image_gives_the_featurize_array(model_file: Path, sample_test_images):
+    """The file path (encode, decode, convert) reproduces featurize's idx features byte for byte, except for
+    images the shared conversion's border rule judges dark-on-light (one in the sample's 2,400)."""
+    images, _ = sample_test_images
+    predictor = Predictor.from_file(model_file)
+    served = np.stack(
+        [predictor.preprocess([open_image(encode(Image.fromarray(g)), "g", 10_000)])[0] for g in images]
+    )
+    featurized = resize_batch(images, 28)
+    same = np.array([np.array_equal(a, b) for a, b in zip(served, featurized, strict=True)])
+    flagged = np.array([glyph_is_dark(g) for g in images])
+    assert same.sum() >= len(images) - 1
+    assert np.array_equal(~same, flagged)
+    np.testing.assert_array_equal(predictor.logits(served[same]), predictor.logits(featurized[same]))
+
+
+def test_preprocess_at_another_size_matches_featurize_resize(sample_test_images):
+    images = sample_test_images[0][:50]
+    served = fixed_predictor(np.zeros(10), image_size=32).preprocess([Image.fromarray(g) for g in images])
+    featurized = resize_batch(images, 32)
+    assert served.shape == featurized.shape == (50, 32, 32)
+    assert np.abs(served.astype(int) - featurized.astype(int)).max() <= 2  # resize_batch's documented bound
+
+
+def test_scan_like_renditions_come_back_close_to_the_originals(sample_test_images):
+    images = sample_test_images[0][:40]
+    predictor = fixed_predictor(np.zeros(10))
+    for fmt in ("PNG", "JPEG"):
+        served = [
+            predictor.preprocess([open_image(encode(scan_like(g), fmt), "s", 10**6)])[0] for g in images
+        ]
+        corr = [
+            np.corrcoef(s.ravel().astype(float), g.ravel().astype(float))[0, 1]
+            for s, g in zip(served, images, strict=True)
+        ]
+        assert min(corr) > 0.9, fmt
+
+
+# --- ranking and backends --------------------------------------------------------------------------------
+
+
+def test_predictions_rank_classes_by_probability():
+    logits = np.array([0.0, 3.0, 1.0, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.5], dtype=np.float32)
+    (pred,) = fixed_predictor(logits).predict([Image.new("L", (28, 28))], top_k=3)
+    expected = softmax(logits[None])[0]
+    assert (pred.index, pred.name) == (1, "sun")
+    assert pred.probability == pytest.approx(expected[1])
+    assert [(i, n) for i, n, _ in pred.top_k] == [(1, "sun"), (4, "next"), (2, "moon")]
+    assert [p for _, _, p in pred.top_k] == pytest.approx(expected[[1, 4, 2]])
+    assert pred.to_dict()["top_k"][1] == {
+        "index": 4,
+        "name": "next",
+        "probability": pytest.approx(expected[4]),
+    }
+
+
+@pytest.mark.parametrize("top_k", [0, 11])
+def test_top_k_must_be_within_the_classes(top_k):
+    with pytest.raises(OracleMnistError, match=f"top_k: must be between 1 and 10, got {top_k}"):
+        fixed_predictor(np.zeros(10)).predict([Image.new("L", (28, 28))], top_k=top_k)
+
+
+def test_torch_backend_matches_the_saved_model(model_file: Path, sample_test_images):
+    from oracle_mnist.images import to_tensor
+    from oracle_mnist.models import load_model
+
+    images = sample_test_images[0][:16]
+    model, meta = load_model(model_file)
+    with torch.no_grad():
+        expected = model(to_tensor(images, meta.mean, meta.std)).numpy()
+    predictor = Predictor.from_file(model_file, "torch")
+    assert predictor.meta == meta
+    np.testing.assert_allclose(predictor.logits(images), expected, rtol=0, atol=1e-6)
+    preds = predictor.predict([Image.fromarray(g) for g in images], top_k=2)
+    assert [p.index for p in preds] == expected.argmax(axis=1).tolist()
+
+
+def test_onnx_backend_agrees_with_torch(model_file: Path, onnx_model_file: Path, sample_test_images):
+    images = [Image.fromarray(g) for g in sample_test_images[0][:32]]
+    by_torch = Predictor.from_file(model_file, "torch").predict(images, top_k=3)
+    by_onnx = Predictor.from_file(onnx_model_file, "onnx")
+    assert by_onnx.meta == Predictor.from_file(model_file).meta  # the metadata travels inside the .onnx
+    for a, b in zip(by_torch, by_onnx.predict(images, top_k=3), strict=True):
+        assert [i for i, _, _ in a.top_k] == [i for i, _, _ in b.top_k]
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+
+
+def test_many_images_are_classified_in_batches(model_file: Path, sample_test_images, monkeypatch):
+    import oracle_mnist.inference as inference
+
+    images = sample_test_images[0]
+    predictor = Predictor.from_file(model_file)
+    whole = predictor.logits(images)
+    monkeypatch.setattr(inference, "BATCH_SIZE", 7)
+    np.testing.assert_allclose(predictor.logits(images), whole, rtol=0, atol=1e-5)
+    assert predictor.logits(images[:0]).shape == (0, 10)
+
+
+def test_from_file_names_the_problem(tmp_path: Path, model_file: Path):
+    with pytest.raises(OracleMnistError, match="backend: 'tf' is not one of"):
+        Predictor.from_file(model_file, "tf")
+    with pytest.raises(OracleMnistError, match=f"{tmp_path / 'missing.pt'}: model file not found"):
+        Predictor.from_file(tmp_path / "missing.pt", "torch")
+    with pytest.raises(OracleMnistError, match=f"{tmp_path / 'missing.onnx'}: ONNX model file not found"):
+        Predictor.from_file(tmp_path / "missing.onnx", "onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not onnx")
+    with pytest.raises(OracleMnistError, match=f"{junk}: not a readable ONNX model"):
+        Predictor.from_file(junk, "onnx")
+
+
+def test_onnx_without_our_metadata_is_refused(tmp_path: Path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    path = tmp_path / "foreign.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    with pytest.raises(OracleMnistError, match=f"{path}: no oracle_mnist.meta metadata"):
+        Predictor.from_file(path, "onnx")
