@@ -79,10 +79,10 @@ def test_api_image_serves_the_documented_command_and_reads_the_model_from_a_moun
     assert cmd.startswith('["uvicorn", "oracle_mnist.api:app"')
     env = " ".join(args for name, args in steps if name == "ENV")
     assert "ORACLE_MNIST_MODEL=/models/model.pt" in env
-    copied = [
-        args.split()[-2] if not args.startswith("--from") else "" for name, args in steps if name == "COPY"
+    sources = [
+        src for name, args in steps if name == "COPY" and "--from" not in args for src in args.split()[:-1]
     ]
-    assert not any(src.startswith(("models", "data")) for src in copied)
+    assert sources == ["pyproject.toml", "README.md", "src"]
 
 
 def test_build_context_leaves_out_data_models_and_git():
