@@ -12,7 +12,7 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
 from oracle_mnist.errors import exit_on_error
 from oracle_mnist.fsutil import atomic_dir, write_json
-from oracle_mnist.sources import FetchedFile, fetch_idx, fetch_scans
+from oracle_mnist.sources import FetchedFile, blame_source, fetch_idx, fetch_scans
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
@@ -26,7 +26,11 @@ def main() -> None:
     data, feat = params.data, params.featurize
     # A relative local source is relative to params.yaml, whatever directory the stage runs from.
     base_dir = PARAMS.resolve().parent
-    with atomic_dir(RAW) as raw, atomic_dir(PREPARED) as prepared:
+    with (
+        atomic_dir(RAW) as raw,
+        atomic_dir(PREPARED) as prepared,
+        blame_source(raw, data.source, base_dir),
+    ):
         if data.format == "idx":
             fetched = fetch_idx(data.source, raw, base_dir)
             arrays = split_idx(raw, params.num_classes, data.val_fraction, data.seed)

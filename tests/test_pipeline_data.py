@@ -98,12 +98,16 @@ def best_shift_correlation(a: np.ndarray, b: np.ndarray) -> float:
     return best
 
 
-def stage_outputs(repo: Path) -> list[str]:
-    """Whatever prepare wrote or left behind: outputs, temporaries, the metrics file."""
-    found = [p for p in (repo / "data").rglob("*")] if (repo / "data").exists() else []
-    if (repo / "metrics" / "prepare.json").exists():
-        found.append(repo / "metrics" / "prepare.json")
-    return [str(p.relative_to(repo)) for p in found]
+def stage_outputs(repo: Path) -> dict[str, str]:
+    """What prepare writes (or could leave half-written), with content digests: data/ and its metrics file
+    (which may be committed, so it can exist before prepare runs)."""
+    found = (
+        {str(p.relative_to(repo)): "" for p in (repo / "data").rglob("*")} if (repo / "data").exists() else {}
+    )
+    metrics = repo / "metrics" / "prepare.json"
+    if metrics.exists():
+        found["metrics/prepare.json"] = sha256_file(metrics)
+    return found
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -282,12 +286,16 @@ def run_prepare(repo: Path, timeout: float = 60) -> tuple[int, str, float]:
 
 
 def assert_refused(repo: Path, source: Path | None, before: dict[str, str] | None, message: str) -> None:
+    outputs = stage_outputs(repo)
+    assert not any(name.startswith("data/") for name in outputs)
     code, stderr, _ = run_prepare(repo)
     assert code == 1, stderr
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "Traceback" not in stderr, stderr
     assert re.search(message, last), stderr
-    assert stage_outputs(repo) == [], "prepare left outputs behind"
+    # Files are named where the user can find them, not in prepare's temporary copy.
+    assert ".tmp" not in last, last
+    assert stage_outputs(repo) == outputs, "prepare left outputs behind"
     if source is not None:
         assert tree_digest(source) == before, "prepare modified its input"
 
@@ -298,6 +306,8 @@ def test_prepare_refuses_bad_idx_sources(case: str, repo_copy: Path, sample_dir:
     source = idx_source(sample_dir, tmp_path / "source", change, keep_sums)
     before = tree_digest(source)
     write_params(repo_copy, {"data": {"source": str(source)}})
+    if case != "checksum":
+        message = re.escape(f"{source}/") + message
     assert_refused(repo_copy, source, before, message)
 
 
@@ -328,12 +338,13 @@ def test_prepare_fails_fast_on_an_unreachable_url(repo_copy: Path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     write_params(repo_copy, {"data": {"source": f"http://127.0.0.1:{port}/oracle/"}})
+    outputs = stage_outputs(repo_copy)
     code, stderr, seconds = run_prepare(repo_copy, timeout=30)
     assert (
         code == 1 and f"error: http://127.0.0.1:{port}/oracle/SHA256SUMS: download failed after 3" in stderr
     )
     assert seconds < 15
-    assert stage_outputs(repo_copy) == []
+    assert stage_outputs(repo_copy) == outputs
 
 
 def small_scans(sample_dir: Path, root: Path) -> Path:
@@ -373,13 +384,14 @@ def test_prepare_refuses_bad_scans(case: str, repo_copy: Path, sample_dir: Path,
     change(source)
     before = tree_digest(source)
     write_params(repo_copy, {"data": {"source": str(source), "format": "scans"}})
-    assert_refused(repo_copy, source, before, message)
+    assert_refused(repo_copy, source, before, re.escape(f"{source}/") + message)
 
 
 def test_featurize_without_prepare_names_what_to_run(repo_copy: Path):
+    grid = repo_copy / "plots" / "samples.png"
+    before = sha256_file(grid) if grid.exists() else None
     proc = run([sys.executable, "stages/featurize.py"], cwd=repo_copy, check=False)
     assert proc.returncode == 1
     assert "data/prepared/train.npz: feature file not found" in proc.stderr
-    assert (
-        not (repo_copy / "data" / "features").exists() and not (repo_copy / "plots" / "samples.png").exists()
-    )
+    assert not (repo_copy / "data" / "features").exists()
+    assert (sha256_file(grid) if grid.exists() else None) == before

@@ -12,6 +12,7 @@ unverified ever reaches data/raw.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import shutil
@@ -20,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,18 @@ class FetchedFile:
     sha256: str
     size: int
     verified_by: str  # what the bytes were checked against: "official sha256", "SHA256SUMS sha256", "none"
+
+
+@contextlib.contextmanager
+def blame_source(copy: Path, source: str, base_dir: Path) -> Iterator[None]:
+    """Errors about files in `copy` (the temporary data/raw) name the same file in the source instead: the
+    copy is gone by the time anyone reads the message."""
+    try:
+        yield
+    except OracleMnistError as exc:
+        origin = source if is_url(source) else str(resolve_local(source, base_dir))
+        origin = origin if origin.endswith("/") else origin + "/"
+        raise OracleMnistError(str(exc).replace(f"{copy}/", origin)) from None
 
 
 def is_url(source: str) -> bool:
