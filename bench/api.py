@@ -1,0 +1,190 @@
+"""Load test of the HTTP API on 127.0.0.1, for both backends, next to a bare forward pass.
+
+    python bench/api.py                      # models/model.pt + models/model.onnx, 8 clients, 10 s each
+    python bench/api.py --clients 16 --seconds 30 --backends onnx
+
+Per backend: (1) the bare single-image forward pass in this process (converted features in, logits out) and
+the whole in-process path (PNG bytes -> decode -> convert -> forward); (2) one client sending single valid
+images one after another (the latency a lone user sees); (3) N concurrent clients for T seconds mixing valid
+uploads (1-4 images) with malformed ones (non-image, truncated, empty, too many files, too large a file).
+Prints requests/s, p50/p99 latency and responses by status code. Goals: no 5xx; p50 of a single-image request
+within 2x of the bare forward pass. Server and clients share this machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from oracle_mnist.api import serve_in_subprocess
+from oracle_mnist.datasets import load_features
+from oracle_mnist.inference import Predictor, open_image
+
+# Server limits for the run: small enough that the malformed "too large" upload stays cheap to send.
+LIMITS = {"ORACLE_MNIST_MAX_FILES": "8", "ORACLE_MNIST_MAX_FILE_BYTES": "131072"}
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def time_calls(fn: Callable[[], object], seconds: float, min_calls: int = 20) -> list[float]:
+    fn()  # warm-up: first calls allocate
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < min_calls:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def request_mix(glyphs: list[bytes]) -> list[tuple[str, list]]:
+    """(kind, multipart files) in the order clients cycle through: 3 valid for every malformed one."""
+    noise = io.BytesIO()
+    Image.effect_noise((400, 400), 80).save(noise, "PNG")
+    malformed = [
+        ("non-image", [("files", ("notes.txt", b"plain text, not an image", "text/plain"))]),
+        ("truncated", [("files", ("cut.png", glyphs[0][: len(glyphs[0]) // 2], "image/png"))]),
+        ("empty", [("files", ("empty.png", b"", "image/png"))]),
+        ("too-many-files", [("files", (f"{i}.png", glyphs[0], "image/png")) for i in range(9)]),
+        ("too-large-file", [("files", ("noise.png", noise.getvalue(), "image/png"))]),
+    ]
+    mix = []
+    for i, bad in enumerate(malformed):
+        for j in range(3):
+            n = 1 + (i + j) % 4
+            mix.append(
+                (
+                    "valid",
+                    [
+                        ("files", (f"{k}.png", glyphs[(i + j + k) % len(glyphs)], "image/png"))
+                        for k in range(n)
+                    ],
+                )
+            )
+        mix.append(bad)
+    return mix
+
+
+def load(url: str, mix: list[tuple[str, list]], clients: int, seconds: float) -> dict:
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+
+    def client(offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            i = offset
+            while time.perf_counter() < deadline:
+                _, files = mix[i % len(mix)]
+                start = time.perf_counter()
+                try:
+                    status = http.post("/predict", files=files).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                elapsed = time.perf_counter() - start
+                with lock:
+                    latencies.append(elapsed)
+                    statuses[status] += 1
+                i += 1
+
+    threads = [threading.Thread(target=client, args=(k * 7,)) for k in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=seconds + 60)
+    wall = time.perf_counter() - start
+    return {
+        "requests": len(latencies),
+        "rps": len(latencies) / wall,
+        "latencies": latencies,
+        "statuses": statuses,
+    }
+
+
+def single_requests(url: str, glyphs: list[bytes], seconds: float) -> list[float]:
+    with httpx.Client(base_url=url, timeout=30) as http:
+        counter = iter(range(10**9))
+
+        def one() -> None:
+            data = glyphs[next(counter) % len(glyphs)]
+            resp = http.post("/predict", files=[("files", ("g.png", data, "image/png"))])
+            resp.raise_for_status()
+
+        return time_calls(one, seconds)
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def bench_backend(backend: str, model: Path, images: np.ndarray, args: argparse.Namespace) -> None:
+    predictor = Predictor.from_file(model, backend)
+    one = images[:1]
+    glyphs = [png(g) for g in images[:32]]
+    bare = time_calls(lambda: predictor.logits(one), args.single_seconds)
+    in_process = time_calls(
+        lambda: predictor.predict([open_image(glyphs[0], "g.png", 10**6)]), args.single_seconds
+    )
+    env = {"ORACLE_MNIST_MODEL": str(model), "ORACLE_MNIST_BACKEND": backend, **LIMITS}
+    with serve_in_subprocess(env) as url:
+        single = single_requests(url, glyphs, args.single_seconds)
+        loaded = load(url, request_mix(glyphs), args.clients, args.seconds)
+    bare_p50, single_p50 = statistics.median(bare), statistics.median(single)
+    five_xx = sum(n for s, n in loaded["statuses"].items() if not isinstance(s, int) or s >= 500)
+    print(f"\n== backend {backend} ({predictor.meta.model_name}, {model})")
+    print(f"bare forward, 1 image          p50 {ms(bare_p50)} ms   p99 {ms(percentile(bare, 99))} ms")
+    print(f"in-process PNG->class, 1 image p50 {ms(statistics.median(in_process))} ms")
+    print(
+        f"HTTP, 1 client, 1 image        p50 {ms(single_p50)} ms   p99 {ms(percentile(single, 99))} ms   "
+        f"= {single_p50 / bare_p50:.2f}x bare forward (goal <= 2x: {'met' if single_p50 <= 2 * bare_p50 else 'NOT met'})"
+    )
+    lat = loaded["latencies"]
+    print(
+        f"HTTP, {args.clients} clients, mixed, {args.seconds:.0f} s: {loaded['requests']} requests, "
+        f"{loaded['rps']:.1f} req/s, p50 {ms(percentile(lat, 50))} ms, p99 {ms(percentile(lat, 99))} ms"
+    )
+    print(
+        "  responses by status: "
+        + ", ".join(f"{s}: {n}" for s, n in sorted(loaded["statuses"].items(), key=lambda kv: str(kv[0])))
+        + f"   5xx/errors: {five_xx} (goal 0: {'met' if five_xx == 0 else 'NOT met'})"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=Path("models/model.pt"))
+    parser.add_argument("--onnx", type=Path, default=Path("models/model.onnx"))
+    parser.add_argument(
+        "--images", type=Path, default=Path("data/features/test.npz"), help="real test images"
+    )
+    parser.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of the concurrent phase")
+    parser.add_argument("--single-seconds", type=float, default=3.0, help="length of each single-image phase")
+    args = parser.parse_args()
+    images, _ = load_features(args.images)
+    for backend in args.backends:
+        bench_backend(backend, args.model if backend == "torch" else args.onnx, images, args)
+
+
+if __name__ == "__main__":
+    main()
