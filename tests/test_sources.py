@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import pytest
 
+from oracle_mnist.config import OFFICIAL_SOURCE
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import sha256_file
 from oracle_mnist.sources import (
@@ -238,3 +239,21 @@ def test_official_sums_do_not_describe_the_sample(sample_dir: Path):
     for name, expected in OFFICIAL_CHECKSUMS.items():
         if expected.kind == "sha256":
             assert sha256_file(sample_dir / name) != expected.value
+
+
+def test_official_url_is_checked_against_the_upstream_ids(monkeypatch, tmp_path: Path, sample_dir: Path):
+    requested = []
+
+    def fake_download(url: str, dest: Path, timeout: float, retries: int) -> None:
+        # Stands in for the network: serves the sample's bytes under the official names.
+        requested.append(url)
+        shutil.copyfile(sample_dir / url.rsplit("/", 1)[-1], dest)
+
+    monkeypatch.setattr("oracle_mnist.sources.download", fake_download)
+    with pytest.raises(
+        OracleMnistError,
+        match=r"train-images-idx3-ubyte.gz: checksum mismatch, git-blob is [0-9a-f]{40} but the pinned upstream commit says 1f6e3765",
+    ):
+        fetch_idx(OFFICIAL_SOURCE.rstrip("/"), tmp_path, tmp_path)
+    assert requested == [OFFICIAL_SOURCE + "train-images-idx3-ubyte.gz"]  # no SHA256SUMS asked for
+    assert list(tmp_path.iterdir()) == []
