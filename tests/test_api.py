@@ -313,3 +313,13 @@ def test_uvicorn_refuses_to_start_without_the_model(tmp_path: Path):
     assert proc.returncode != 0
     assert f"oracle-mnist API cannot start: {missing}: model file not found" in proc.stderr
     assert time.monotonic() - start < 120
+
+
+def test_formats_outside_the_served_list_are_refused(client: TestClient, sample_test_images):
+    buf = io.BytesIO()
+    Image.fromarray(sample_test_images[0][0]).save(buf, "PCX")  # Pillow reads it; the API does not serve it
+    resp = client.post("/predict", files=[("files", ("glyph.pcx", buf.getvalue(), "image/x-pcx"))])
+    assert resp.status_code == 422
+    assert resp.json()["detail"].startswith(
+        "glyph.pcx: not an image file Pillow can read (accepted: PNG, JPEG"
+    )

@@ -11,8 +11,9 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_MAX_PIXELS       | 16000000 pixels per image, checked before decode |
 | ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
 
-The model is loaded once; a missing or unreadable model stops start-up with a message naming the file. Every
-bad request gets a 4xx JSON body {"detail": "<what is wrong, naming the file or field>"}.
+Images may be PNG, JPEG, GIF, BMP, TIFF, WebP or PPM/PGM/PBM. The model is loaded once; a missing or
+unreadable model stops start-up with a message naming the file. Every bad request gets a 4xx JSON body
+{"detail": "<what is wrong, naming the file or field>"}.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.inference import (
     BACKENDS,
     DEFAULT_MODEL_PATHS,
+    SERVED_FORMATS,
     ImageTooLargeError,
     Prediction,
     Predictor,
@@ -175,7 +177,7 @@ def _classify(
 ) -> list[Prediction]:
     features = []
     for name, data in uploads:
-        img = open_image(data, name, settings.max_pixels, settings.max_file_bytes)
+        img = open_image(data, name, settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
         try:
             features.append(predictor.preprocess([img])[0])
         except OracleMnistError as exc:

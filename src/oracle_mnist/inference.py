@@ -29,6 +29,9 @@ BACKENDS = ("torch", "onnx")
 DEFAULT_MODEL_PATHS = {"torch": Path("models/model.pt"), "onnx": Path("models/model.onnx")}
 # Key of the ONNX metadata_props entry holding the ModelMeta as JSON.
 ONNX_META_KEY = "oracle_mnist.meta"
+# What the HTTP API decodes: common raster formats whose Pillow decoders are self-contained (no EPS, which
+# runs Ghostscript, nor the rarer scientific formats). The CLI accepts anything Pillow reads.
+SERVED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Images per forward pass when classifying many files: bounds memory, not results.
 BATCH_SIZE = 256
 
@@ -59,21 +62,29 @@ class Prediction:
         }
 
 
-def open_image(data: bytes, name: str, max_pixels: int, max_bytes: int | None = None) -> Image.Image:
+def open_image(
+    data: bytes,
+    name: str,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
     """Decode `data` fully into a PIL image, or raise BadImageError naming `name` and the problem.
 
     The pixel count is checked from the header before decoding, so a decompression bomb costs nothing.
+    `formats` limits which Pillow decoders may be tried (None: all).
     """
     if not data:
         raise BadImageError(f"{name}: empty file (0 bytes)")
     if max_bytes is not None and len(data) > max_bytes:
         raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise BadImageError(f"{name}: not an image file Pillow can read") from None
+        accepted = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise BadImageError(f"{name}: not an image file Pillow can read{accepted}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageTooLargeError(
