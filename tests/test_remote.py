@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import dvc, git, make_repo_copy, run
+from conftest import dvc, git, make_repo_copy, run, write_params
 
 from oracle_mnist.fsutil import sha256_file
+from oracle_mnist.report import write_report
 
 REMOTE = "gcs"
 # fsspec hands FSSPEC_GS_<KWARG> to gcsfs: a per-request timeout, the one bound dvc-gs has on a silent remote.
@@ -193,6 +194,29 @@ def test_fresh_clone_pulls_the_result_and_reproduces_nothing(
     assert "Running stage" not in repro.stdout, repro.stdout
     assert "Data and pipelines are up to date." in repro.stdout, repro.stdout
     assert git(clone, "status", "--porcelain").stdout == ""
+
+
+def test_report_compares_the_pulled_result_with_a_changed_one(
+    origin: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The PR report on the real pipeline: the base read from the pulled cache, the head reproduced."""
+    clone = fresh_clone(origin, tmp_path / "clone", emulator.endpoint)
+    dvc(clone, "pull")
+    write_params(clone, {"evaluate": {"max_misclassified": 4}})
+    repro = dvc(clone, "repro")
+    assert "Running stage 'evaluate'" in repro.stdout and "Running stage 'train'" not in repro.stdout
+
+    md = write_report(clone, "HEAD", None, tmp_path / "report").read_text(encoding="utf-8")
+    assert "evaluate.max_misclassified" in md
+    for rev in ("HEAD", "workspace"):
+        for plot in ("Confusion_matrix", "Confusion_matrix_normalised", "plots_misclassified.png"):
+            image = tmp_path / "report" / "images" / f"{plot}@{rev}.png"
+            assert f"(images/{image.name})" in md, image.name
+            assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    misclassified = [
+        tmp_path / "report/images" / f"plots_misclassified.png@{rev}.png" for rev in ("HEAD", "workspace")
+    ]
+    assert misclassified[0].read_bytes() != misclassified[1].read_bytes()
 
 
 def test_corrupted_remote_object_is_detected_and_not_used(
