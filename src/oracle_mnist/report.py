@@ -131,8 +131,6 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
     with tempfile.TemporaryDirectory(prefix="oracle-mnist-plots-") as tmp:
         raw = json.loads(run_dvc(["plots", "diff", *rev_args, "--json", "-o", tmp], repo) or "{}")
         with atomic_dir(out) as staging:
-            # mkdtemp makes the folder private; the report is meant to be read and published.
-            staging.chmod(0o755)
             images = staging / "images"
             images.mkdir()
             plot_lines = plot_sections(raw.get("data", {}), revs, images, link)
