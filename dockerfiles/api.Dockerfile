@@ -18,7 +18,8 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
         torch==2.14.1 torchvision==0.29.1 \
     && pip install --no-cache-dir \
         timm==1.0.31 numpy==2.4.6 pillow==12.3.0 pyyaml==6.0.3 tqdm==4.70.1 \
-        fastapi==0.165.0 uvicorn==0.54.0 python-multipart==0.0.34 onnxruntime==1.32.0
+        fastapi==0.165.0 uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 \
+        python-multipart==0.0.34 onnxruntime==1.32.0
 COPY pyproject.toml README.md /build/
 COPY src /build/src
 RUN pip install --no-cache-dir --no-deps /build

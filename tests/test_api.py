@@ -173,12 +173,14 @@ def test_bad_fields_get_a_4xx(client: TestClient, glyphs):
 
 
 def test_settings_from_the_environment():
-    settings = Settings.from_env({"ORACLE_MNIST_BACKEND": "onnx", "ORACLE_MNIST_MAX_FILES": "3"})
+    env = {"ORACLE_MNIST_BACKEND": "onnx", "ORACLE_MNIST_MAX_FILES": "3", "ORACLE_MNIST_THREADS": "2"}
+    settings = Settings.from_env(env)
     assert (settings.model_path, settings.backend, settings.max_files) == (
         Path("models/model.onnx"),
         "onnx",
         3,
     )
+    assert (settings.threads, Settings.from_env({}).threads) == (2, 1)
     assert Settings.from_env({}).model_path == Path("models/model.pt")
     with pytest.raises(
         OracleMnistError, match="ORACLE_MNIST_MAX_PIXELS: expected a positive integer, got '-5'"

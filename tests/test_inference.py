@@ -239,3 +239,12 @@ def test_onnx_without_our_metadata_is_refused(tmp_path: Path):
     onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
     with pytest.raises(OracleMnistError, match=f"{path}: no oracle_mnist.meta metadata"):
         Predictor.from_file(path, "onnx")
+
+
+def test_threads_per_pass_change_speed_not_results(onnx_model_file: Path, sample_test_images):
+    images = sample_test_images[0][:8]
+    default = Predictor.from_file(onnx_model_file, "onnx")
+    single = Predictor.from_file(onnx_model_file, "onnx", threads=1)
+    np.testing.assert_allclose(single.logits(images), default.logits(images), rtol=0, atol=1e-5)
+    with pytest.raises(OracleMnistError, match="threads: must be 1 or more, got 0"):
+        Predictor.from_file(onnx_model_file, "onnx", threads=0)

@@ -10,6 +10,7 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_MAX_FILE_BYTES   | 5242880 (5 MiB) per image file                   |
 | ORACLE_MNIST_MAX_PIXELS       | 16000000 pixels per image, checked before decode |
 | ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
+| ORACLE_MNIST_THREADS          | 1 core per forward pass, as many passes as cores |
 
 Images may be PNG, JPEG, GIF, BMP, TIFF, WebP or PPM/PGM/PBM. The model is loaded once; a missing or
 unreadable model stops start-up with a message naming the file. Every bad request gets a 4xx JSON body
@@ -67,6 +68,9 @@ class Settings:
     max_file_bytes: int = 5 * 1024 * 1024
     max_pixels: int = 16_000_000
     top_k: int = 3
+    # Small batches gain little from intra-op threads, and on a busy machine their synchronisation costs
+    # several times the pass itself; concurrent requests use the cores instead.
+    threads: int = 1
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -75,7 +79,7 @@ class Settings:
         if backend not in BACKENDS:
             raise OracleMnistError(f"{ENV}BACKEND: {backend!r} is not one of {list(BACKENDS)}")
         limits = {}
-        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k"):
+        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k", "threads"):
             var = f"{ENV}{name.upper()}"
             if var not in env:
                 continue
@@ -200,7 +204,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             resolved = settings or Settings.from_env()
-            predictor = Predictor.from_file(resolved.model_path, resolved.backend)
+            predictor = Predictor.from_file(resolved.model_path, resolved.backend, resolved.threads)
             predictor.check_top_k(resolved.top_k)
         except OracleMnistError as exc:
             logger.error("oracle-mnist API cannot start: %s", exc)

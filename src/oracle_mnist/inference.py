@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -130,13 +131,17 @@ def _torch_runner(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray
     return run
 
 
-def _load_onnx(path: Path) -> tuple[Callable[[torch.Tensor], np.ndarray], ModelMeta]:
+def _load_onnx(path: Path, threads: int | None) -> tuple[Callable[[torch.Tensor], np.ndarray], ModelMeta]:
     import onnxruntime as ort  # only the onnx backend needs it
 
     if not path.is_file():
         raise OracleMnistError(f"{path}: ONNX model file not found (run `dvc repro export` or `dvc pull`)")
     try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
         raise OracleMnistError(f"{path}: not a readable ONNX model: {exc}") from None
     raw = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
@@ -161,25 +166,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 class Predictor:
     """A model loaded once, classifying PIL images or converted feature arrays."""
 
-    def __init__(self, meta: ModelMeta, run: Callable[[torch.Tensor], np.ndarray], backend: str, path: Path):
+    def __init__(
+        self,
+        meta: ModelMeta,
+        run: Callable[[torch.Tensor], np.ndarray],
+        backend: str,
+        path: Path,
+        concurrent: int = 1,
+    ):
         self.meta = meta
         self.backend = backend
         self.path = path
         self._run = run
-        # One forward pass at a time: each already uses every core, and concurrent ones (API threads)
-        # would only oversubscribe them.
-        self._lock = threading.Lock()
+        # At most `concurrent` forward passes at once (callers on several threads, e.g. the API): together they
+        # should use the cores, not oversubscribe them.
+        self._slots = threading.BoundedSemaphore(concurrent)
 
     @classmethod
-    def from_file(cls, model_path: str | Path | None = None, backend: str = "torch") -> Predictor:
+    def from_file(
+        cls, model_path: str | Path | None = None, backend: str = "torch", threads: int | None = None
+    ) -> Predictor:
+        """Load a saved model. `threads`: cores per forward pass, and then as many passes run at once as
+        fit the machine's cores; None: the backend's default (all cores) and one pass at a time."""
         if backend not in BACKENDS:
             raise OracleMnistError(f"backend: {backend!r} is not one of {list(BACKENDS)}")
         path = Path(model_path) if model_path is not None else DEFAULT_MODEL_PATHS[backend]
+        if threads is not None and threads < 1:
+            raise OracleMnistError(f"threads: must be 1 or more, got {threads}")
+        concurrent = max(1, (os.cpu_count() or 1) // threads) if threads else 1
         if backend == "torch":
+            if threads is not None:
+                # Process-wide in torch; a serving process has this one model.
+                torch.set_num_threads(threads)
             model, meta = load_model(path)
-            return cls(meta, _torch_runner(model), backend, path)
-        run, meta = _load_onnx(path)
-        return cls(meta, run, backend, path)
+            return cls(meta, _torch_runner(model), backend, path, concurrent)
+        run, meta = _load_onnx(path, threads)
+        return cls(meta, run, backend, path, concurrent)
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -202,7 +224,7 @@ class Predictor:
         chunks = []
         for start in range(0, len(features), BATCH_SIZE):
             batch = to_tensor(features[start : start + BATCH_SIZE], self.meta.mean, self.meta.std)
-            with self._lock:
+            with self._slots:
                 chunks.append(self._run(batch))
         if not chunks:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
