@@ -137,20 +137,25 @@ def ms(seconds: float) -> str:
 
 
 def bench_backend(backend: str, model: Path, images: np.ndarray, args: argparse.Namespace) -> None:
-    predictor = Predictor.from_file(model, backend)
+    predictor = Predictor.from_file(model, backend, args.threads)
     one = images[:1]
     glyphs = [png(g) for g in images[:32]]
     bare = time_calls(lambda: predictor.logits(one), args.single_seconds)
     in_process = time_calls(
         lambda: predictor.predict([open_image(glyphs[0], "g.png", 10**6)]), args.single_seconds
     )
-    env = {"ORACLE_MNIST_MODEL": str(model), "ORACLE_MNIST_BACKEND": backend, **LIMITS}
+    env = {
+        "ORACLE_MNIST_MODEL": str(model),
+        "ORACLE_MNIST_BACKEND": backend,
+        "ORACLE_MNIST_THREADS": str(args.threads),
+        **LIMITS,
+    }
     with serve_in_subprocess(env) as url:
         single = single_requests(url, glyphs, args.single_seconds)
         loaded = load(url, request_mix(glyphs), args.clients, args.seconds)
     bare_p50, single_p50 = statistics.median(bare), statistics.median(single)
     five_xx = sum(n for s, n in loaded["statuses"].items() if not isinstance(s, int) or s >= 500)
-    print(f"\n== backend {backend} ({predictor.meta.model_name}, {model})")
+    print(f"\n== backend {backend} ({predictor.meta.model_name}, {model}, {args.threads} thread(s) per pass)")
     print(f"bare forward, 1 image          p50 {ms(bare_p50)} ms   p99 {ms(percentile(bare, 99))} ms")
     print(f"in-process PNG->class, 1 image p50 {ms(statistics.median(in_process))} ms")
     print(
@@ -180,6 +185,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the concurrent phase")
     parser.add_argument("--single-seconds", type=float, default=3.0, help="length of each single-image phase")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="cores per forward pass, in-process and server"
+    )
     args = parser.parse_args()
     images, _ = load_features(args.images)
     for backend in args.backends:
