@@ -95,3 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print("\n".join(format_text(path, pred) for path, pred in zip(args.images, predictions, strict=True)))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
