@@ -25,7 +25,8 @@ SAMPLE_DIR = Path(os.environ.get("ORACLE_MNIST_SAMPLE", REPO.parent / "shared/da
 
 # Shrunken settings for tests that run the pipeline: same code, less work.
 TEST_PARAMS: dict[str, Any] = {
-    # Two epochs of three batches: every code path of train/evaluate runs, in seconds.
+    # Native 28 px and two epochs of three batches: every code path of train/evaluate runs, in seconds.
+    "featurize": {"image_size": 28},
     "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "batches_per_epoch": 3},
 }
 
