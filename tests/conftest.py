@@ -110,7 +110,7 @@ def sample_test_images(sample_dir: Path) -> tuple[Any, Any]:
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory: pytest.TempPathFactory, sample_test_images: tuple[Any, Any]) -> Path:
-    """A saved default-architecture model (resnet18, 28x28, the 10 classes) with seeded random weights, its
+    """A saved resnet18 (28x28 inputs, the 10 classes) with seeded random weights, its
     BatchNorm statistics taken from real images so its outputs depend on the input. Untrained: for tests of
     the plumbing, not of accuracy."""
     import torch
