@@ -182,10 +182,7 @@ def _classify(
     features = []
     for name, data in uploads:
         img = open_image(data, name, settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
-        try:
-            features.append(predictor.preprocess([img])[0])
-        except OracleMnistError as exc:
-            raise OracleMnistError(f"{name}: {exc}") from None
+        features.append(predictor.features_of(img, name))
     return predictor.predict_features(np.stack(features), top_k)
 
 

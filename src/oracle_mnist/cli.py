@@ -71,10 +71,9 @@ def predict_files(
     features, problems = [], []
     for path in tqdm(paths, desc="reading", unit="img", disable=len(paths) < 100, file=sys.stderr):
         try:
-            features.append(predictor.preprocess([read_image_file(path, max_pixels)])[0])
+            features.append(predictor.features_of(read_image_file(path, max_pixels), str(path)))
         except OracleMnistError as exc:
-            message = str(exc)
-            problems.append(message if str(path) in message else f"{path}: {message}")
+            problems.append(str(exc))
     if problems:
         raise OracleMnistError(
             f"{len(problems)} of {len(paths)} file(s) not classified:\n  " + "\n  ".join(problems)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.images import convert, to_tensor
@@ -83,7 +83,9 @@ def open_image(
         img = Image.open(io.BytesIO(data), formats=formats)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    # Pillow's plugins raise many exception types on hostile bytes (struct.error, IndexError, ...): any of them
+    # means "not a readable image", never a crash of the caller.
+    except Exception:
         accepted = f" (accepted: {', '.join(formats)})" if formats else ""
         raise BadImageError(f"{name}: not an image file Pillow can read{accepted}") from None
     width, height = img.size
@@ -95,7 +97,7 @@ def open_image(
         raise BadImageError(f"{name}: image has no pixels ({width}x{height})")
     try:
         img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except Exception as exc:  # as above: whatever a decoder raises, the file is broken
         raise BadImageError(f"{name}: truncated or corrupt image: {exc}") from None
     return img
 
@@ -218,6 +220,15 @@ class Predictor:
         if not images:
             return np.zeros((0, size, size), dtype=np.uint8)
         return np.stack([convert(img, size) for img in images])
+
+    def features_of(self, img: Image.Image, name: str) -> np.ndarray:
+        """One image's uint8 (S, S) features; a conversion failure becomes a BadImageError naming `name`."""
+        try:
+            return convert(img, self.meta.image_size)
+        except OracleMnistError as exc:
+            raise BadImageError(f"{name}: {exc}") from None
+        except Exception as exc:  # a decodable but hostile image (odd EXIF, mode) is bad input, not a crash
+            raise BadImageError(f"{name}: cannot convert image: {type(exc).__name__}: {exc}") from None
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 (N, C) logits for uint8 (N, S, S) feature arrays."""
