@@ -96,3 +96,10 @@ def test_load_model_rejects_foreign_and_mismatched_files(tmp_path):
 
     with pytest.raises(OracleMnistError, match=r"absent\.pt: model file not found"):
         load_model(tmp_path / "absent.pt")
+
+
+def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
+    model = build_model("resnet10t", 10, 28)
+    save_model(tmp_path / "a.pt", model, META)
+    save_model(tmp_path / "b.pt", model, META)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()

@@ -95,8 +95,10 @@ def save_model(path: str | Path, model: nn.Module, meta: ModelMeta) -> None:
     """Write weights (on CPU) and metadata atomically; `load_model` reads them back with weights_only."""
     state_dict = {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
     payload = {"format_version": FORMAT_VERSION, "meta": asdict(meta), "state_dict": state_dict}
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Through a file object: given a path, torch names the archive's root folder after the (random) temporary
+    # file name, and identical models would not be identical files.
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelMeta]:
