@@ -1,0 +1,206 @@
+"""engine.py: schedule, augmentation, bitwise determinism, resume after an interruption, DDP equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from oracle_mnist import engine
+from oracle_mnist.config import AugmentConfig, TrainConfig
+from oracle_mnist.datasets import read_idx_split
+from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.models import build_model
+
+CPU = torch.device("cpu")
+TINY = TrainConfig(epochs=3, warmup_epochs=1, batch_size=32, batches_per_epoch=3, seed=7)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On a busy 2-core machine OpenMP oversubscription made these tiny fits 5x slower; results are still
+    # compared within one thread setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sample(sample_dir: Path) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    images, labels = read_idx_split(
+        sample_dir / "train-images-idx3-ubyte.gz", sample_dir / "train-labels-idx1-ubyte.gz", 10
+    )
+    return (images[:256], labels[:256]), (images[256:320], labels[256:320])
+
+
+def _fit(sample, cfg: TrainConfig = TINY, **kwargs) -> engine.FitResult:
+    engine.make_deterministic(cfg.seed)
+    model = build_model("resnet10t", 10, 28)
+    return engine.fit(model, *sample, 0.2, 0.3, cfg, device=CPU, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(sample) -> engine.FitResult:
+    """One uninterrupted run of TINY, for the determinism and resume tests to compare against."""
+    return _fit(sample)
+
+
+def test_lr_factor_warms_up_linearly_then_follows_cosine_to_min():
+    assert engine.lr_factor(0, 10, 110, 0.01) == pytest.approx(0.1)
+    assert engine.lr_factor(9, 10, 110, 0.01) == pytest.approx(1.0)
+    assert engine.lr_factor(60, 10, 110, 0.01) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert engine.lr_factor(110, 10, 110, 0.01) == pytest.approx(0.01)
+    assert engine.lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
+
+
+def test_augmenter_without_moves_is_identity_and_fills_with_background():
+    x = torch.rand(4, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    off = engine.Augmenter(AugmentConfig(0, 0, 0, 0, 0, 0), background=-1.0)
+    torch.testing.assert_close(off.apply(x, *off.draw(4, gen)), x, atol=1e-5, rtol=0)
+
+    # A pure shift moves content out at one edge and brings background, not zeros, in at the other.
+    shift = engine.Augmenter(AugmentConfig(0, 0.25, 0, 0, 0, 0), background=-1.0)
+    out = shift.apply(torch.full((64, 1, 28, 28), 3.0), *shift.draw(64, gen))
+    assert (out == -1.0).any() and out.min() >= -1.0 - 1e-5
+
+    erase = engine.Augmenter(AugmentConfig(0, 0, 0, 0, 1.0, 0.15), background=-1.0)
+    out = erase.apply(torch.full((8, 1, 28, 28), 3.0), *erase.draw(8, gen))
+    erased = (out == -1.0).float().mean(dim=(1, 2, 3))
+    assert ((erased > 0) & (erased <= 0.2)).all()
+
+
+def test_augmenter_draws_depend_on_seed_only():
+    aug = engine.Augmenter(AugmentConfig(), background=0.0)
+    first = aug.draw(16, torch.Generator().manual_seed(3))
+    again = aug.draw(16, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    # Never mirrored: the affine part keeps a positive determinant.
+    assert (torch.linalg.det(first[0][:, :, :2]) > 0).all()
+
+
+def test_fit_is_bitwise_deterministic_and_keeps_the_best_epoch(sample, reference):
+    first, second = reference, _fit(sample)
+    assert first.history == second.history
+    assert first.state_dict.keys() == second.state_dict.keys()
+    assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
+    assert len(first.history) == 3
+    assert first.best == max(first.history, key=lambda s: (s.val_acc, -s.val_loss))
+    assert first.history[-1].lr == pytest.approx(TINY.min_lr)
+    assert first.history[0].train_loss != first.history[1].train_loss
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_fit_resumes_from_last_checkpoint_with_identical_result(sample, reference, tmp_path):
+    def stop_at_two(stats: engine.EpochStats) -> None:
+        if stats.epoch == 2:
+            raise Interrupted  # before epoch 2's checkpoint is written: like a kill mid-epoch
+
+    with pytest.raises(Interrupted):
+        _fit(sample, checkpoint_dir=tmp_path, fingerprint="run", on_epoch=stop_at_two)
+    assert [p.name for p in tmp_path.iterdir()] == ["epoch-0001.pt"]
+
+    seen: list[int] = []
+    resumed = _fit(
+        sample, checkpoint_dir=tmp_path, fingerprint="run", on_epoch=lambda s: seen.append(s.epoch)
+    )
+    assert seen == [1, 2, 3]  # epoch 1 replayed from the checkpoint, then trained on
+    assert resumed.history == reference.history
+    assert all(torch.equal(resumed.state_dict[k], v) for k, v in reference.state_dict.items())
+
+    engine.clear_checkpoints(tmp_path)
+    assert not tmp_path.exists()
+
+
+def test_checkpoint_with_other_fingerprint_is_ignored(sample, tmp_path):
+    short = replace(TINY, epochs=2, warmup_epochs=1)
+    _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="other")
+    seen: list[int] = []
+    _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="mine", on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == [1, 2]
+
+
+def test_fit_rejects_batches_that_do_not_fit(sample):
+    with pytest.raises(OracleMnistError, match="larger than the 256 training images"):
+        _fit(sample, replace(TINY, batch_size=512))
+    with pytest.raises(OracleMnistError, match="does not split evenly over 3 processes"):
+        engine.fit(torch.nn.Linear(1, 1), *sample, 0.2, 0.3, TINY, device=CPU, info=engine.DistInfo(0, 3, 0))
+
+
+def test_select_device_auto_and_unavailable_choice():
+    if not torch.cuda.is_available():
+        with pytest.raises(OracleMnistError, match="'cuda' requested"):
+            engine.select_device("cuda")
+        assert engine.select_device("auto").type in ("cpu", "mps")
+    assert engine.select_device("cpu") == CPU
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np, torch
+    from oracle_mnist import engine
+    from oracle_mnist.config import TrainConfig
+
+    info = engine.init_distributed("cpu")
+    engine.make_deterministic(0)
+    # No BatchNorm: with identical global batches the only difference left is float summation order.
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256)
+    cfg = TrainConfig(epochs=2, warmup_epochs=1, batch_size=32, batches_per_epoch=4)
+    result = engine.fit(model, (x, y), (x[:64], y[:64]), 0.3, 0.3, cfg, device=torch.device("cpu"), info=info)
+    if info.is_main:
+        torch.save(result.state_dict, sys.argv[1] + ".pt")
+        json.dump([s.train_loss for s in result.history], open(sys.argv[1] + ".json", "w"))
+    engine.close_distributed(info)
+    """
+)
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    for cmd, out in [
+        ([sys.executable, str(script)], "single"),
+        (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                str(script),
+            ],
+            "ddp",
+        ),
+    ]:
+        proc = subprocess.run(
+            [*cmd, str(tmp_path / out)], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    single, ddp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "ddp.pt")
+    for key, value in single.items():
+        torch.testing.assert_close(ddp[key], value, rtol=0, atol=1e-4, msg=key)
+    np.testing.assert_allclose(
+        json.loads((tmp_path / "ddp.json").read_text()),
+        json.loads((tmp_path / "single.json").read_text()),
+        atol=1e-5,
+    )
