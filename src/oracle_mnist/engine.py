@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -216,11 +217,9 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def clear_checkpoints(directory: Path) -> None:
-    """Remove a finished run's checkpoints (the final outputs hold everything worth keeping)."""
-    for path in directory.glob(CHECKPOINT_GLOB):
-        path.unlink(missing_ok=True)
-    if directory.is_dir() and not any(directory.iterdir()):
-        directory.rmdir()
+    """Remove a finished run's checkpoint folder (the final outputs hold everything worth keeping), with any
+    temporary file a killed earlier attempt left in it."""
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def fit(
