@@ -6,8 +6,10 @@
 Each real test image (white glyph on black, 28x28) is written out in several renditions, then classified by
 the installed console script exactly as a user would run it, and scored against its label:
 plain (PNG as is), enlarged (5x, bicubic), dark-on-light (negated, enlarged 4x, JPEG), tinted (brown ink on
-tan paper, enlarged 5x, RGB PNG), off-centre (the tinted glyph placed off-centre on a larger sheet of paper).
-The shared conversion has no contrast stretch and no cropping, so the last two show how far that carries.
+tan paper, enlarged 5x, RGB PNG), scan-frame (tinted, cut to the glyph's own non-square frame as the original
+scans are, enlarged 6x), off-centre (the tinted glyph placed off-centre on a sheet of paper 1.7x its size).
+The shared conversion has no contrast stretch and no cropping, so the tinted and off-centre renditions show
+how far that carries.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ def tint(glyph: np.ndarray) -> np.ndarray:
     return np.clip(PAPER * (1 - ink) + INK * ink, 0, 255).astype(np.uint8)
 
 
+def own_frame(glyph: np.ndarray) -> np.ndarray:
+    """The glyph's own non-square frame: the dataset's images are scans resized and zero-padded to a square,
+    so dropping the zero rows or columns recovers the frame a scan had."""
+    cols = np.flatnonzero(glyph.max(axis=0) > 0)
+    rows = np.flatnonzero(glyph.max(axis=1) > 0)
+    if len(cols) <= len(rows):
+        return glyph[:, cols[0] : cols[-1] + 1]
+    return glyph[rows[0] : rows[-1] + 1]
+
+
+def scan_frame(glyph: np.ndarray) -> np.ndarray:
+    frame = own_frame(glyph)
+    h, w = frame.shape
+    big = np.asarray(Image.fromarray(frame).resize((w * 6, h * 6), Image.Resampling.BICUBIC))
+    return tint(big)
+
+
 def off_centre(glyph: np.ndarray) -> np.ndarray:
     sheet = np.empty((200, 240, 3), dtype=np.uint8)
     sheet[:] = PAPER.astype(np.uint8)
@@ -52,6 +71,7 @@ RENDITIONS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "enlarged": ("png", lambda g: enlarge(g, 5)),
     "dark-on-light": ("jpg", lambda g: 255 - enlarge(g, 4)),
     "tinted": ("png", lambda g: tint(enlarge(g, 5))),
+    "scan-frame": ("png", scan_frame),
     "off-centre": ("png", off_centre),
 }
 
