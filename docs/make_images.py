@@ -99,9 +99,16 @@ def conversion_figure(sample: Path, out: Path) -> None:
     save_small(sheet, out)
 
 
-def save_small(img: Image.Image, path: Path) -> None:
-    """Plots are flat colours on white: 64 palette entries keep them sharp at a fraction of the bytes."""
-    img.convert("RGB").quantize(colors=64).save(path, optimize=True)
+def save_small(img: Image.Image, path: Path, max_width: int = 640) -> None:
+    """Charts are flat colours on white: 64 palette entries keep them sharp at a fraction of the bytes. Image
+    plots (glyph grids, grey and noisy) keep 32 grey levels at the width a docs page shows anyway."""
+    if img.mode in ("L", "LA", "I;16"):
+        if img.width > max_width:
+            size = (max_width, round(img.height * max_width / img.width))
+            img = img.convert("L").resize(size, Image.Resampling.LANCZOS)
+        img.convert("L").quantize(colors=32).save(path, optimize=True)
+    else:
+        img.convert("RGB").quantize(colors=64).save(path, optimize=True)
 
 
 def pipeline_plots(repo: Path, out: Path) -> list[str]:
