@@ -6,7 +6,6 @@ import gzip
 import json
 import os
 import sys
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -14,12 +13,12 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import atomic_path, write_json
-from oracle_mnist.images import convert
+from oracle_mnist.images import convert, open_image
 
 J = TypeVar("J")
 R = TypeVar("R")
@@ -198,35 +197,13 @@ def scan_items(root: Path, split: str, classes: Sequence[str]) -> list[tuple[str
 
 
 def open_scan(path: Path, min_side: int, max_pixels: int) -> Image.Image:
-    """Open and fully decode one scan, refusing empty files, non-images, tiny images and decompression bombs.
-
-    The pixel ceiling is checked from the header, before any pixel data is decompressed.
-    """
-    if path.stat().st_size == 0:
-        raise OracleMnistError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its own limit and twice it; our ceiling below is the one that counts.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
-        w, h = img.size
-        if w * h > max_pixels:
-            img.close()
-            raise OracleMnistError(
-                f"{path}: {w}x{h} = {w * h} pixels exceeds featurize.max_pixels={max_pixels} "
-                "(refused as a possible decompression bomb)"
-            )
-        if min(w, h) < min_side:
-            img.close()
-            raise OracleMnistError(f"{path}: {w}x{h} is smaller than featurize.min_side={min_side} pixels")
-        img.load()
-        return img
-    except Image.DecompressionBombError as exc:
-        raise OracleMnistError(f"{path}: refused as a decompression bomb ({exc})") from None
-    except UnidentifiedImageError:
-        raise OracleMnistError(f"{path}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise OracleMnistError(f"{path}: cannot decode image ({exc})") from None
+    """Open and fully decode one scan through `images.open_image` (empty files, non-images, truncated files
+    and decompression bombs refused, the last before any pixel is decompressed), then refuse tiny images."""
+    img = open_image(path.read_bytes(), str(path), max_pixels, limit_name="featurize.max_pixels")
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise OracleMnistError(f"{path}: {w}x{h} is smaller than featurize.min_side={min_side} pixels")
+    return img
 
 
 def _check_one(args: tuple[Path, int, int]) -> tuple[int, int]:

@@ -8,6 +8,8 @@ image Pillow opens; `resize_batch` only rescales images that went through it alr
 
 from __future__ import annotations
 
+import io
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,60 @@ from oracle_mnist.errors import OracleMnistError
 
 if TYPE_CHECKING:
     import torch
+
+
+class BadImageError(OracleMnistError):
+    """An input that is not a readable image: empty, not an image format, truncated or corrupt."""
+
+
+class ImageTooLargeError(BadImageError):
+    """An input over a size limit (bytes or pixels): refused before it is decoded."""
+
+
+def open_image(
+    data: bytes,
+    name: str,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    formats: Sequence[str] | None = None,
+    limit_name: str | None = None,
+) -> Image.Image:
+    """Decode untrusted `data` fully into a PIL image, or raise BadImageError naming `name` and the problem.
+
+    The one decoder for scans (featurize) and uploads (CLI, API). The pixel count is checked from the header
+    before decoding, so a decompression bomb costs nothing; `limit_name` names the setting in the message.
+    `formats` limits which Pillow decoders may be tried (None: all).
+    """
+    if not data:
+        raise BadImageError(f"{name}: empty file (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between its own limit and twice it; `max_pixels` below is the one that counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=formats)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({exc})") from None
+    # Pillow's plugins raise many exception types on hostile bytes (struct.error, IndexError, ...): any of them
+    # means "not a readable image", never a crash of the caller.
+    except Exception:
+        accepted = f" (accepted: {', '.join(formats)})" if formats else ""
+        raise BadImageError(f"{name}: not an image file Pillow can read{accepted}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        limit = f"{limit_name}={max_pixels}" if limit_name else f"the limit of {max_pixels}"
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height} pixels is over {limit} "
+            "(refused as a possible decompression bomb)"
+        )
+    if width < 1 or height < 1:
+        raise BadImageError(f"{name}: image has no pixels ({width}x{height})")
+    try:
+        img.load()
+    except Exception as exc:  # as above: whatever a decoder raises, the file is broken
+        raise BadImageError(f"{name}: truncated or corrupt image: {exc}") from None
+    return img
 
 
 def otsu_threshold(gray: np.ndarray) -> int:

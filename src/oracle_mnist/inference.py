@@ -9,7 +9,6 @@ the model's metadata inside the file).
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import threading
@@ -23,7 +22,12 @@ import torch
 from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
+
+# The decoder and its errors are re-exported: cli and api reach the library through this module only.
+from oracle_mnist.images import BadImageError as BadImageError
+from oracle_mnist.images import ImageTooLargeError as ImageTooLargeError
 from oracle_mnist.images import convert, to_tensor
+from oracle_mnist.images import open_image as open_image
 from oracle_mnist.models import ModelMeta, load_model
 
 BACKENDS = ("torch", "onnx")
@@ -35,14 +39,6 @@ ONNX_META_KEY = "oracle_mnist.meta"
 SERVED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Images per forward pass when classifying many files: bounds memory, not results.
 BATCH_SIZE = 256
-
-
-class BadImageError(OracleMnistError):
-    """An input that is not a readable image: empty, not an image format, truncated or corrupt."""
-
-
-class ImageTooLargeError(BadImageError):
-    """An input over a size limit (bytes or pixels): refused before it is decoded."""
 
 
 @dataclass(frozen=True)
@@ -61,45 +57,6 @@ class Prediction:
             "probability": self.probability,
             "top_k": [{"index": i, "name": n, "probability": p} for i, n, p in self.top_k],
         }
-
-
-def open_image(
-    data: bytes,
-    name: str,
-    max_pixels: int,
-    max_bytes: int | None = None,
-    formats: Sequence[str] | None = None,
-) -> Image.Image:
-    """Decode `data` fully into a PIL image, or raise BadImageError naming `name` and the problem.
-
-    The pixel count is checked from the header before decoding, so a decompression bomb costs nothing.
-    `formats` limits which Pillow decoders may be tried (None: all).
-    """
-    if not data:
-        raise BadImageError(f"{name}: empty file (0 bytes)")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
-    try:
-        img = Image.open(io.BytesIO(data), formats=formats)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"{name}: too many pixels ({exc})") from None
-    # Pillow's plugins raise many exception types on hostile bytes (struct.error, IndexError, ...): any of them
-    # means "not a readable image", never a crash of the caller.
-    except Exception:
-        accepted = f" (accepted: {', '.join(formats)})" if formats else ""
-        raise BadImageError(f"{name}: not an image file Pillow can read{accepted}") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
-        )
-    if width < 1 or height < 1:
-        raise BadImageError(f"{name}: image has no pixels ({width}x{height})")
-    try:
-        img.load()
-    except Exception as exc:  # as above: whatever a decoder raises, the file is broken
-        raise BadImageError(f"{name}: truncated or corrupt image: {exc}") from None
-    return img
 
 
 def read_image_file(path: str | Path, max_pixels: int) -> Image.Image:
