@@ -8,9 +8,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from dvclive import Live
-
 from oracle_mnist import engine
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
@@ -26,21 +24,12 @@ LIVE_DIR = Path("dvclive")
 CHECKPOINTS = Path("checkpoints/train")
 
 
-def _load_split(name: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    images, labels = load_features(FEATURES / f"{name}.npz")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise OracleMnistError(
-            f"{FEATURES / name}.npz: labels outside the {num_classes} classes in params.yaml"
-        )
-    return images, labels
-
-
 @exit_on_error
 def main() -> None:
     params = load_params(PARAMS)
     cfg = params.train
-    train = _load_split("train", params.num_classes)
-    val = _load_split("val", params.num_classes)
+    train = load_features(FEATURES / "train.npz", params.num_classes)
+    val = load_features(FEATURES / "val.npz", params.num_classes)
     size = train[0].shape[1]
     if val[0].shape[1] != size:
         raise OracleMnistError(f"{FEATURES}: train images are {size} px but val images {val[0].shape[1]} px")

@@ -152,6 +152,13 @@ def test_bad_feature_files_are_refused(tmp_path: Path):
     assert not (tmp_path / "x.npz").exists()
 
 
+def test_load_features_checks_labels_against_the_classes(tmp_path: Path):
+    save_features(tmp_path / "test.npz", np.zeros((3, 4, 4), np.uint8), np.array([0, 9, 10]))
+    assert load_features(tmp_path / "test.npz", 11)[1].tolist() == [0, 9, 10]
+    with pytest.raises(OracleMnistError, match=r"test.npz: labels outside the 10 classes"):
+        load_features(tmp_path / "test.npz", 10)
+
+
 def test_label_of_folder_accepts_numbers_and_names():
     assert label_of_folder("3", CLASSES) == 3
     assert label_of_folder("wood", CLASSES) == 9

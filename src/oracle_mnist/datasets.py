@@ -132,8 +132,9 @@ def save_features(path: str | Path, images: np.ndarray, labels: np.ndarray) -> N
         np.savez(fh, images=images, labels=labels.astype(np.int64))
 
 
-def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """One split's features -> (uint8 (N, S, S) white glyph on black, int64 (N,))."""
+def load_features(path: str | Path, num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One split's features -> (uint8 (N, S, S) white glyph on black, int64 (N,)); with `num_classes`,
+    every label must be one of them."""
     path = Path(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -145,6 +146,8 @@ def load_features(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except (OSError, ValueError, zlib.error, EOFError) as exc:
         raise OracleMnistError(f"{path}: not a readable feature file ({exc})") from None
     _check_features(path, images, labels)
+    if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise OracleMnistError(f"{path}: labels outside the {num_classes} classes")
     return images, labels
 
 

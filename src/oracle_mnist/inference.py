@@ -28,6 +28,7 @@ from oracle_mnist.images import BadImageError as BadImageError
 from oracle_mnist.images import ImageTooLargeError as ImageTooLargeError
 from oracle_mnist.images import convert, to_tensor
 from oracle_mnist.images import open_image as open_image
+from oracle_mnist.metrics import softmax
 from oracle_mnist.models import ModelMeta, load_model
 
 BACKENDS = ("torch", "onnx")
@@ -113,13 +114,6 @@ def _load_onnx(path: Path, threads: int | None) -> tuple[Callable[[torch.Tensor]
         return session.run(None, {input_name: batch.numpy()})[0]
 
     return run, meta
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 class Predictor:

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import f1_score, precision_recall_fscore_support
 
 from oracle_mnist.errors import OracleMnistError
 
@@ -55,6 +54,9 @@ def evaluate(
         )
     if len(labels) == 0:
         raise OracleMnistError("no test images to evaluate")
+    # Imported here: serving uses softmax from this module and should not pay for loading scikit-learn.
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     classes = list(range(n_classes))
