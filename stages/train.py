@@ -9,6 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from dvclive import Live
+
 from oracle_mnist import engine
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
