@@ -63,7 +63,7 @@ def train_paper(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sample", type=Path, default=REPO.parent / "shared/data/oracle-mnist-sample")
+    parser.add_argument("--sample", type=Path, default=REPO / "data/sources/oracle-mnist-sample")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args()
     params = load_params(args.params)

@@ -21,7 +21,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
-SAMPLE_DIR = Path(os.environ.get("ORACLE_MNIST_SAMPLE", REPO.parent / "shared/data/oracle-mnist-sample"))
+# The real sample ships in the repository (data/sources/oracle-mnist-sample/README.md).
+SAMPLE_DIR = REPO / "data/sources/oracle-mnist-sample"
 
 # Shrunken settings for tests that run the pipeline: same code, less work.
 TEST_PARAMS: dict[str, Any] = {
@@ -35,7 +36,7 @@ TEST_PARAMS: dict[str, Any] = {
 def sample_dir() -> Path:
     """The real Oracle-MNIST sample (2,000 train / 400 test images, idx format), never modified."""
     if not (SAMPLE_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"Oracle-MNIST sample not found at {SAMPLE_DIR}; set ORACLE_MNIST_SAMPLE")
+        pytest.fail(f"Oracle-MNIST sample not found at {SAMPLE_DIR}")
     return SAMPLE_DIR
 
 

@@ -47,7 +47,7 @@ class Checksum:
     value: str
 
 
-# Upstream wm-bupt/oracle-mnist at the pinned commit (../shared/data/oracle-mnist-sample/README.md).
+# Upstream wm-bupt/oracle-mnist at the pinned commit (data/sources/oracle-mnist-sample/README.md).
 OFFICIAL_CHECKSUMS: dict[str, Checksum] = {
     "t10k-images-idx3-ubyte.gz": Checksum(
         "sha256", "official", "ca5e631c21fdbf452f2af8cb410d8546456b4b9820881b8d77150767496bf099"
