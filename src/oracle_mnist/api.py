@@ -12,6 +12,9 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
 | ORACLE_MNIST_THREADS          | 1 core per forward pass, as many passes as cores |
 
+`GET /` is a page for people (static files shipped in the package, no CDN); `/docs` and `/redoc` serve their
+assets from the installed fastapi-offline package, so everything works without network access.
+
 Images may be PNG, JPEG, GIF, BMP, TIFF, WebP or PPM/PGM/PBM. The model is loaded once; a missing or
 unreadable model stops start-up with a message naming the file. Every bad request gets a 4xx JSON body
 {"detail": "<what is wrong, naming the file or field>"}.
@@ -19,7 +22,9 @@ unreadable model stops start-up with a message naming the file. Every bad reques
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import logging
 import os
 import socket
@@ -32,13 +37,17 @@ import urllib.request
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -50,6 +59,7 @@ from oracle_mnist.inference import (
     ImageTooLargeError,
     Prediction,
     Predictor,
+    characters_of,
     open_image,
 )
 
@@ -58,6 +68,11 @@ logger = logging.getLogger("uvicorn.error")
 ENV = "ORACLE_MNIST_"
 # Room for one multipart part's boundary and headers on top of its content.
 PART_OVERHEAD_BYTES = 64 * 1024
+# The page (index.html, page.js, page.css), shipped as package data.
+STATIC_DIR = Path(__file__).parent / "static"
+# Swagger UI and ReDoc's JavaScript and CSS from an installed package: FastAPI's default pages fetch them
+# from a CDN and are blank without network access.
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).parent / "static"
 
 
 @dataclass(frozen=True)
@@ -104,6 +119,11 @@ class ClassScore(BaseModel):
 class ImagePrediction(ClassScore):
     file: str
     top_k: list[ClassScore]
+    input: str | None = Field(
+        default=None,
+        description="with ?include=input: the image as the model saw it (the converted image_size square, "
+        "white glyph on black) as a data:image/png;base64 URL",
+    )
 
 
 class PredictResponse(BaseModel):
@@ -121,6 +141,10 @@ class Health(BaseModel):
 class ModelInfo(BaseModel):
     model_name: str
     class_names: list[str]
+    characters: list[str | None] = Field(
+        description="the oracle-bone character of each class, in label order (null for a class name that is "
+        "not one of the dataset's)"
+    )
     image_size: int
     mean: float
     std: float
@@ -178,12 +202,21 @@ class BodyLimit:
 
 def _classify(
     predictor: Predictor, uploads: list[tuple[str, bytes]], settings: Settings, top_k: int
-) -> list[Prediction]:
+) -> tuple[list[Prediction], np.ndarray]:
+    """Predictions and the uint8 (N, S, S) features they were made from."""
     features = []
     for name, data in uploads:
         img = open_image(data, name, settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
         features.append(predictor.features_of(img, name))
-    return predictor.predict_features(np.stack(features), top_k)
+    stacked = np.stack(features)
+    return predictor.predict_features(stacked, top_k), stacked
+
+
+def png_data_url(features: np.ndarray) -> str:
+    """One uint8 (S, S) feature array as a data:image/png;base64 URL (a few hundred bytes at 64 px)."""
+    buf = io.BytesIO()
+    Image.fromarray(features).save(buf, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -215,8 +248,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="oracle-mnist",
         summary="Classify images of oracle-bone characters (Oracle-MNIST's 10 classes).",
         lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit)
+    add_page_and_docs(app)
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": text}
         for code, text in (
@@ -247,7 +283,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         meta = asdict(predictor.meta)
         limits = {k: v for k, v in asdict(current).items() if k.startswith("max_")}
         return ModelInfo(
-            **{**meta, "class_names": list(meta["class_names"])}, backend=predictor.backend, limits=limits
+            **{**meta, "class_names": list(meta["class_names"])},
+            characters=characters_of(predictor.class_names),
+            backend=predictor.backend,
+            limits=limits,
         )
 
     @app.post("/predict", response_model=PredictResponse, responses=errors)
@@ -255,6 +294,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         files: Annotated[list[UploadFile], File(description="one or more images of any format Pillow reads")],
         top_k: Annotated[int | None, Query(ge=1, description="classes listed per image")] = None,
+        include: Annotated[
+            Literal["input"] | None,
+            Query(description="input: add each image as the model saw it, a small PNG data URL"),
+        ] = None,
     ) -> PredictResponse:
         predictor: Predictor = request.app.state.predictor
         current: Settings = request.app.state.settings
@@ -271,7 +314,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # One byte past the limit is enough to know the file is too large.
             uploads.append((name, await upload.read(current.max_file_bytes + 1)))
         try:
-            predictions = await run_in_threadpool(_classify, predictor, uploads, current, k)
+            predictions, features = await run_in_threadpool(_classify, predictor, uploads, current, k)
         except ImageTooLargeError as exc:
             raise ApiError(413, str(exc)) from None
         except OracleMnistError as exc:
@@ -280,12 +323,50 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             model=predictor.meta.model_name,
             backend=predictor.backend,
             predictions=[
-                ImagePrediction(file=name, **pred.to_dict())
-                for (name, _), pred in zip(uploads, predictions, strict=True)
+                ImagePrediction(
+                    file=name, input=png_data_url(feats) if include == "input" else None, **pred.to_dict()
+                )
+                for (name, _), pred, feats in zip(uploads, predictions, features, strict=True)
             ],
         )
 
     return app
+
+
+def add_page_and_docs(app: FastAPI) -> None:
+    """`GET /` (the page), its static files, and Swagger UI at /docs and ReDoc at /redoc with local assets."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
+    favicon = "/docs-assets/favicon.png"
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=app.swagger_ui_oauth2_redirect_url,
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url=favicon,
+        )
+
+    @app.get(app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - ReDoc",
+            redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url=favicon,
+            with_google_fonts=False,
+        )
 
 
 app = create_app()

@@ -18,6 +18,27 @@ OFFICIAL_SOURCE = (
 )
 
 
+# The character each of the dataset paper's class names (params.yaml `classes`) stands for: people reading a
+# prediction know the glyph, not our English gloss. The one copy; the API's /model hands it to the page.
+CLASS_CHARACTERS = {
+    "big": "大",
+    "sun": "日",
+    "moon": "月",
+    "cattle": "牛",
+    "next": "翌",
+    "field": "田",
+    "not": "勿",
+    "arrow": "矢",
+    "time": "巳",
+    "wood": "木",
+}
+
+
+def characters_of(class_names: tuple[str, ...] | list[str]) -> list[str | None]:
+    """Each class's character; None for a name that is not one of the paper's (a model with other classes)."""
+    return [CLASS_CHARACTERS.get(name) for name in class_names]
+
+
 class ConfigError(OracleMnistError, ValueError):
     """A params file that is missing a key, has an unknown key or a value of the wrong type."""
 

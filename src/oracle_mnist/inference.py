@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from oracle_mnist.config import characters_of as characters_of
 from oracle_mnist.errors import OracleMnistError
 
 # The decoder and its errors are re-exported: cli and api reach the library through this module only.
