@@ -51,9 +51,37 @@ def test_hashes_match_reference_tools(tmp_path):
     path = tmp_path / "blob.bin"
     data = bytes(range(256)) * 10
     path.write_bytes(data)
-    assert sha256_file(path, chunk=100) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     expected = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True)
     assert git_blob_id(data) == expected.stdout.strip()
+
+
+def test_leftovers_of_interrupted_writes_are_removed_by_the_next_write(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = [
+        f".out.txt.{dead.pid}-a1b2c3d4.tmp",  # a killed writer's file
+        ".out.txt.k2j4_x9z.tmp",  # from before pids were in the name
+    ]
+    live = f".out.txt.{os.getpid()}-zzzzzzzz.tmp"  # a writer that is still running
+    unrelated = [".other.txt.k2j4_x9z.tmp", ".out.txt.keep", "out.txt.k2j4_x9z.tmp"]
+    for name in [*stale, live, *unrelated]:
+        (tmp_path / name).write_text("x")
+    (tmp_path / f".features.{dead.pid}-q1w2e3r4.tmp").mkdir()
+    (tmp_path / f".features.{dead.pid}-q1w2e3r4.tmp" / "train.npz").write_text("x")
+    (tmp_path / ".features.old").mkdir()
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        tmp.write_text("done")
+    with atomic_dir(tmp_path / "features") as tmp:
+        (tmp / "new.npz").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live, *unrelated, "features", "out.txt"])
+
+
+def test_temporary_names_carry_the_writer_pid(tmp_path):
+    with atomic_path(tmp_path / "out.txt") as tmp:
+        assert tmp.name.startswith(f".out.txt.{os.getpid()}-") and tmp.name.endswith(".tmp")
+    with atomic_dir(tmp_path / "d") as tmp:
+        assert tmp.name.startswith(f".d.{os.getpid()}-") and tmp.name.endswith(".tmp")
 
 
 def _umask() -> int:

@@ -6,11 +6,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from oracle_mnist.errors import commit_guard
 
 
 @contextlib.contextmanager
@@ -18,14 +21,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_leftovers(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp creates 0600; outputs get the usual permissions so other users (a container's) can read them.
     tmp.chmod(0o666 & ~_umask())
     try:
         yield tmp
-        os.replace(tmp, path)
+        with commit_guard():
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -35,20 +40,52 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary directory; it replaces `path` as a whole only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), suffix=".tmp", dir=path.parent))
     tmp.chmod(0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        with commit_guard():
+            if path.exists():
+                old = path.with_name(f".{path.name}.old")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(path: Path) -> str:
+    # The writer's pid in the name tells a live writer's temporary file from one a killed run left behind.
+    return f".{path.name}.{os.getpid()}-"
+
+
+def remove_leftovers(path: Path) -> None:
+    """Delete what interrupted writes of `path` left beside it (`.<name>.<pid>-*.tmp` of dead processes,
+    `.<name>.old`); a temporary file of a writer still running is kept."""
+    # mkstemp's random part is [a-z0-9_]; names without a pid are from before pids were added.
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(?:(\d+)-)?[a-z0-9_]+\.tmp|old)")
+    for entry in path.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match is None or (match[1] is not None and _running(int(match[1]))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -68,12 +105,9 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def git_blob_id(data: bytes) -> str:
