@@ -10,6 +10,7 @@ sample images: enlarged to 100-400 px, dark ink on tinted paper, PNG and JPEG.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,10 @@ from PIL import Image
 
 from oracle_mnist.datasets import IDX_FILES, convert_scans, read_idx_split, workers
 from oracle_mnist.images import convert, resize_batch
+
+# The tinted scans are the tests' rendition (tests/helpers.py); tests/ is not a package, so it goes on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import tint
 
 FULL_DATASET = 30_222
 
@@ -35,9 +40,7 @@ def build_scans(images: np.ndarray, root: Path, n: int, seed: int = 0) -> list[P
         big = np.asarray(
             Image.fromarray(images[i % len(images)]).resize((side, side), Image.Resampling.BICUBIC)
         )
-        ink = big[..., None] / 255.0
-        paper, brown = np.array([238, 226, 200]), np.array([70, 45, 30])
-        rgb = (paper + (brown - paper) * ink).round().astype(np.uint8)
+        rgb = tint(big)
         path = root / f"{i:05d}{'.png' if i % 2 else '.jpg'}"
         Image.fromarray(rgb).save(path)
         paths.append(path)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -27,35 +28,14 @@ from PIL import Image
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import IDX_FILES, read_idx_split
 
-PAPER = np.array([236.0, 224.0, 196.0])
-INK = np.array([52.0, 38.0, 30.0])
-
-
-def enlarge(glyph: np.ndarray, scale: int) -> np.ndarray:
-    size = glyph.shape[0] * scale
-    return np.asarray(Image.fromarray(glyph).resize((size, size), Image.Resampling.BICUBIC))
-
-
-def tint(glyph: np.ndarray) -> np.ndarray:
-    ink = glyph.astype(np.float64)[..., None] / 255.0
-    return np.clip(PAPER * (1 - ink) + INK * ink, 0, 255).astype(np.uint8)
-
-
-def own_frame(glyph: np.ndarray) -> np.ndarray:
-    """The glyph's own non-square frame: the dataset's images are scans resized and zero-padded to a square,
-    so dropping the zero rows or columns recovers the frame a scan had."""
-    cols = np.flatnonzero(glyph.max(axis=0) > 0)
-    rows = np.flatnonzero(glyph.max(axis=1) > 0)
-    if len(cols) <= len(rows):
-        return glyph[:, cols[0] : cols[-1] + 1]
-    return glyph[rows[0] : rows[-1] + 1]
+# The renditions are the tests' own (tests/helpers.py), so the figures this prints and the tests' thresholds
+# speak of the same images; tests/ is not a package, so it goes on the path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import PAPER, enlarge, own_frame, tint
 
 
 def scan_frame(glyph: np.ndarray) -> np.ndarray:
-    frame = own_frame(glyph)
-    h, w = frame.shape
-    big = np.asarray(Image.fromarray(frame).resize((w * 6, h * 6), Image.Resampling.BICUBIC))
-    return tint(big)
+    return tint(enlarge(own_frame(glyph), 6))
 
 
 def off_centre(glyph: np.ndarray) -> np.ndarray:

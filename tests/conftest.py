@@ -1,35 +1,20 @@
-"""Fixtures shared by all test modules: the real sample, a throwaway copy of the repository, dvc/git runners."""
+"""Fixtures shared by all test modules: the real sample, a throwaway copy of the repository, saved models.
+Plain functions the tests share live in helpers.py."""
 
 from __future__ import annotations
 
-import copy
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, SAMPLE_DIR, make_repo_copy
 
 # Set before anything imports timm/huggingface_hub/dvc, and inherited by every subprocess: a mistaken hub
 # download fails at once instead of hanging, and dvc never phones home from tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
-
-# The real sample ships in the repository (data/sources/oracle-mnist-sample/README.md).
-SAMPLE_DIR = REPO / "data/sources/oracle-mnist-sample"
-
-# Shrunken settings for tests that run the pipeline: same code, less work.
-TEST_PARAMS: dict[str, Any] = {
-    # Native 28 px and two epochs of three batches: every code path of train/evaluate runs, in seconds.
-    "featurize": {"image_size": 28},
-    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "batches_per_epoch": 3},
-}
 
 
 @pytest.fixture(scope="session")
@@ -40,64 +25,11 @@ def sample_dir() -> Path:
     return SAMPLE_DIR
 
 
-def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def write_params(repo: Path, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Rewrite repo/params.yaml with `overrides` deep-merged in; returns the new params."""
-    path = repo / "params.yaml"
-    params = deep_merge(yaml.safe_load(path.read_text(encoding="utf-8")), overrides)
-    path.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True), encoding="utf-8")
-    return params
-
-
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(
-            f"{' '.join(map(str, cmd))} exited {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-        )
-    return proc
-
-
-def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=repo, check=check, timeout=timeout)
-
-
-def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run(["git", *args], cwd=repo, check=check)
-
-
 @pytest.fixture
 def repo_copy(tmp_path: Path, sample_dir: Path) -> Path:
     """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
     params pointing at the real sample and shrunken by TEST_PARAMS, committed as its first commit."""
     return make_repo_copy(tmp_path / "repo", sample_dir)
-
-
-def make_repo_copy(dest: Path, sample_dir: Path) -> Path:
-    """The body of `repo_copy`, for fixtures of a wider scope that share one pipeline run."""
-    files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
-    for rel in files:
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, TEST_PARAMS))
-    git(dest, "init", "-q", "-b", "main")
-    git(dest, "config", "user.email", "test@example.com")
-    git(dest, "config", "user.name", "test")
-    git(dest, "add", "-A")
-    git(dest, "commit", "-q", "-m", "test copy")
-    return dest
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_bomb
 from PIL import Image
 
 from oracle_mnist.datasets import (
@@ -165,20 +164,6 @@ def test_label_of_folder_accepts_numbers_and_names():
     assert label_of_folder("10", CLASSES) is None
     assert label_of_folder("03", CLASSES) is None
     assert label_of_folder("dragon", CLASSES) is None
-
-
-def png_bomb(path: Path, width: int, height: int) -> Path:
-    """A real 1-bit PNG of width x height black pixels: a few kB on disk, `width * height` pixels decoded."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    row = b"\0" * (1 + (width + 7) // 8)
-    packer = zlib.compressobj(9)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 def scans_tree(root: Path, per_class: int = 2, size: int = 32) -> Path:

@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 DOCKERFILES = sorted((REPO / "dockerfiles").glob("*.Dockerfile"))
 

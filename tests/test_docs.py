@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 
 DOCS = REPO / "docs"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 from oracle_mnist.datasets import save_features
 from oracle_mnist.errors import OracleMnistError

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import encode, enlarge, png_header_only, tint
 from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
@@ -25,30 +23,6 @@ from oracle_mnist.inference import (
 from oracle_mnist.models import ModelMeta
 
 CLASSES = ("big", "sun", "moon", "cattle", "next", "field", "not", "arrow", "time", "wood")
-
-
-def encode(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height but which holds no pixel data (a bomb's header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
-def scan_like(glyph: np.ndarray, scale: int = 5) -> Image.Image:
-    """A rendition of a 28x28 sample image like an original scan: enlarged, dark brown ink on tan paper."""
-    big = Image.fromarray(glyph).resize((28 * scale, 28 * scale), Image.Resampling.BICUBIC)
-    ink = np.asarray(big, dtype=np.float64)[..., None] / 255.0
-    paper, brown = np.array([236.0, 224.0, 196.0]), np.array([52.0, 38.0, 30.0])
-    return Image.fromarray(np.clip(paper * (1 - ink) + brown * ink, 0, 255).astype(np.uint8))
 
 
 def fixed_predictor(logits: np.ndarray, image_size: int = 28) -> Predictor:
@@ -142,9 +116,8 @@ def test_scan_like_renditions_come_back_close_to_the_originals(sample_test_image
     images = sample_test_images[0][:40]
     predictor = fixed_predictor(np.zeros(10))
     for fmt in ("PNG", "JPEG"):
-        served = [
-            predictor.preprocess([open_image(encode(scan_like(g), fmt), "s", 10**6)])[0] for g in images
-        ]
+        scans = [encode(Image.fromarray(tint(enlarge(g, 5))), fmt) for g in images]
+        served = [predictor.preprocess([open_image(scan, "s", 10**6)])[0] for scan in scans]
         corr = [
             np.corrcoef(s.ravel().astype(float), g.ravel().astype(float))[0, 1]
             for s, g in zip(served, images, strict=True)

@@ -3,31 +3,24 @@ every bad input the data stages refuse (run as the stage scripts, the way dvc ru
 
 from __future__ import annotations
 
-import functools
 import gzip
 import json
 import re
 import shutil
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import dvc, run, write_params
+from helpers import dvc, enlarge, free_port, own_frame, png_bomb, run, serve_directory, tint, write_params
 from PIL import Image
-from test_datasets import png_bomb
 
 from oracle_mnist.datasets import IDX_FILES, load_features, read_idx_split, write_idx
 from oracle_mnist.fsutil import sha256_file
 
 PER_CLASS_SCANS = {"train": 20, "test": 8}
-GROUND = np.array([238, 226, 200], dtype=np.float64)  # aged paper
-INK = np.array([70, 45, 30], dtype=np.float64)  # brown ink
 
 
 def sample_split(sample_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -35,28 +28,13 @@ def sample_split(sample_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     return read_idx_split(sample_dir / images_name, sample_dir / labels_name, 10)
 
 
-def trim_padding(img: np.ndarray) -> np.ndarray:
-    """The dataset's images are scans resized to a 28-pixel longest edge and padded with exact zeros to a
-    square; dropping those zero columns (or rows) recovers the scan's own non-square frame."""
-    cols = np.flatnonzero(img.max(axis=0) > 0)
-    rows = np.flatnonzero(img.max(axis=1) > 0)
-    if len(cols) <= len(rows):
-        return img[:, cols[0] : cols[-1] + 1]
-    return img[rows[0] : rows[-1] + 1]
-
-
 def make_scan(img: np.ndarray, variant: int) -> tuple[Image.Image, str]:
     """A scan-like version of one 28x28 dataset image: its own non-square frame, enlarged 2.5-8x, then one of
     several looks and file formats. Returns (image, file extension)."""
-    glyph = trim_padding(img)
-    h, w = glyph.shape
-    factor = max((2.5, 4.0, 6.0, 8.0)[variant % 4], 16 / min(h, w))
-    big = np.asarray(
-        Image.fromarray(glyph).resize((round(w * factor), round(h * factor)), Image.Resampling.BICUBIC),
-        dtype=np.float64,
-    )
-    ink = big / 255.0
-    tinted = (GROUND + (INK - GROUND) * ink[..., None]).round().astype(np.uint8)
+    glyph = own_frame(img)
+    factor = max((2.5, 4.0, 6.0, 8.0)[variant % 4], 16 / min(glyph.shape))
+    big = enlarge(glyph, factor).astype(np.float64)
+    tinted = tint(big)
     kind = variant % 7
     if kind == 0:  # as in the dataset: light glyph on dark ground, grayscale
         return Image.fromarray(big.round().astype(np.uint8)), ".png"
@@ -99,11 +77,15 @@ def best_shift_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def stage_outputs(repo: Path) -> dict[str, str]:
-    """What prepare writes (or could leave half-written), with content digests: data/ and its metrics file
-    (which may be committed, so it can exist before prepare runs)."""
-    found = (
-        {str(p.relative_to(repo)): "" for p in (repo / "data").rglob("*")} if (repo / "data").exists() else {}
-    )
+    """What prepare writes (or could leave half-written), with content digests: data/ (but the committed sample
+    in data/sources/, an input) and its metrics file (which may be committed, so it can exist before prepare
+    runs)."""
+    sources = repo / "data" / "sources"
+    found = {
+        str(p.relative_to(repo)): ""
+        for p in (repo / "data").rglob("*")
+        if p != sources and sources not in p.parents
+    }
     metrics = repo / "metrics" / "prepare.json"
     if metrics.exists():
         found["metrics/prepare.json"] = sha256_file(metrics)
@@ -311,32 +293,18 @@ def test_prepare_refuses_bad_idx_sources(case: str, repo_copy: Path, sample_dir:
     assert_refused(repo_copy, source, before, message)
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def test_prepare_refuses_a_corrupted_download(repo_copy: Path, sample_dir: Path, tmp_path: Path):
     root = idx_source(sample_dir, tmp_path / "www", flip_byte("train-images-idx3-ubyte.gz"), keep_sums=True)
     before = tree_digest(root)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        write_params(repo_copy, {"data": {"source": f"http://127.0.0.1:{server.server_address[1]}/"}})
+    with serve_directory(root) as url:
+        write_params(repo_copy, {"data": {"source": url}})
         assert_refused(
             repo_copy, root, before, r"train-images-idx3-ubyte.gz: checksum mismatch.*the file was deleted"
         )
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_prepare_fails_fast_on_an_unreachable_url(repo_copy: Path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     write_params(repo_copy, {"data": {"source": f"http://127.0.0.1:{port}/oracle/"}})
     outputs = stage_outputs(repo_copy)
     code, stderr, seconds = run_prepare(repo_copy, timeout=30)

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import dvc, make_repo_copy
+from helpers import dvc, make_repo_copy, serve_in_subprocess
 from PIL import Image
 
-from oracle_mnist.api import serve_in_subprocess
 from oracle_mnist.config import load_params
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import dvc, make_repo_copy, run, write_params
+from helpers import dvc, make_repo_copy, run, write_params
 from PIL import Image
 
 from oracle_mnist import engine

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from configobj import ConfigObj
-from conftest import REPO, dvc, git, make_repo_copy, write_params
+from helpers import REPO, dvc, free_port, git, make_repo_copy, serve_command, write_params
 
 from oracle_mnist.fsutil import sha256_file
 from oracle_mnist.report import write_report
@@ -26,12 +26,6 @@ from oracle_mnist.report import write_report
 REMOTE = "gcs"
 # fsspec hands FSSPEC_GS_<KWARG> to gcsfs: a per-request timeout, the one bound dvc-gs has on a silent remote.
 REQUEST_TIMEOUT_ENV = "FSSPEC_GS_REQUESTS_TIMEOUT"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def committed_remote_url() -> tuple[str, str]:
@@ -78,37 +72,13 @@ class Emulator:
 
 
 @pytest.fixture(scope="module")
-def emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+def emulator() -> Iterator[Emulator]:
     bucket, prefix = committed_remote_url()
     port = free_port()
     cmd = [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port)]
-    log = tmp_path_factory.mktemp("emulator") / "log.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [*cmd, "--in-memory", "--default-bucket", bucket],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"gcp-storage-emulator exited {proc.returncode}: {log.read_text()}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b/{bucket}", timeout=2).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"gcp-storage-emulator did not answer within 30 s: {log.read_text()}")
-                time.sleep(0.2)
+    cmd += ["--in-memory", "--default-bucket", bucket]
+    with serve_command(cmd, f"http://127.0.0.1:{port}/storage/v1/b/{bucket}", startup_timeout=30):
         yield Emulator(port, bucket, prefix)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def use_endpoint(repo: Path, endpoint: str) -> None:

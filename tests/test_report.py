@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import dvc, git
+from helpers import dvc, git
 from PIL import Image
 
 from oracle_mnist.report import faceted_by_revision, only_revision, slug, write_report

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from helpers import QuietHandler, free_port, serve_directory
 
 from oracle_mnist.config import OFFICIAL_SOURCE
 from oracle_mnist.errors import OracleMnistError
@@ -28,11 +26,6 @@ from oracle_mnist.sources import (
     resolve_local,
     verify,
 )
-
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 class FlakyHandler(QuietHandler):
@@ -55,21 +48,8 @@ def served(tmp_path: Path, sample_dir: Path) -> Iterator[tuple[str, Path]]:
     shutil.copytree(sample_dir, root)
     for path in root.iterdir():
         path.chmod(0o644)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", root
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with serve_directory(root) as url:
+        yield url, root
 
 
 def test_download_verifies_against_the_served_sums(served, tmp_path: Path, sample_dir: Path):
@@ -118,22 +98,14 @@ def test_missing_file_fails_at_once_with_404(served, tmp_path: Path):
 
 
 def test_transient_server_errors_are_retried(tmp_path: Path, sample_dir: Path):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(FlakyHandler, directory=str(sample_dir)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serve_directory(sample_dir, FlakyHandler) as base:
         dest = tmp_path / "labels.gz"
-        url = f"http://127.0.0.1:{server.server_address[1]}/t10k-labels-idx1-ubyte.gz"
-        download(url, dest, timeout=5, retries=2, backoff=0.05)
+        download(f"{base}t10k-labels-idx1-ubyte.gz", dest, timeout=5, retries=2, backoff=0.05)
         assert sha256_file(dest) == sha256_file(sample_dir / "t10k-labels-idx1-ubyte.gz")
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_unreachable_url_fails_quickly_with_a_clear_message(tmp_path: Path):
-    url = f"http://127.0.0.1:{closed_port()}/data/"
+    url = f"http://127.0.0.1:{free_port()}/data/"
     start = time.monotonic()
     with pytest.raises(OracleMnistError, match=r"127.0.0.1.*download failed after 2 attempt\(s\).*refused"):
         fetch_idx(url, tmp_path, tmp_path, timeout=1, retries=2)

@@ -27,14 +27,7 @@ import contextlib
 import io
 import logging
 import os
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -370,57 +363,3 @@ def add_page_and_docs(app: FastAPI) -> None:
 
 
 app = create_app()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve_in_subprocess(env: Mapping[str, str], startup_timeout: float = 60.0) -> Iterator[str]:
-    """Run `uvicorn oracle_mnist.api:app` in a child process on 127.0.0.1 (a free port) with `env` added to
-    the environment; yield its base URL once /health answers; stop it on exit. For tests and benchmarks."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "oracle_mnist.api:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    cmd += ["--no-access-log", "--log-level", "warning"]
-    url = f"http://127.0.0.1:{port}"
-    # A file, not a pipe: nobody reads the log while the server runs, and a full pipe would block it.
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + startup_timeout
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    output = log.read().decode(errors="replace")
-                    raise OracleMnistError(
-                        f"API server exited with status {proc.returncode} at start-up:\n{output}"
-                    )
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                        if resp.status == 200:
-                            break
-                except (urllib.error.URLError, ConnectionError, TimeoutError):
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"API server did not answer {url}/health within {startup_timeout} s")
-                time.sleep(0.1)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
