@@ -7,7 +7,7 @@ from pathlib import Path
 from oracle_mnist import engine, figures, metrics
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
-from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.errors import OracleMnistError, stage_main
 from oracle_mnist.fsutil import atomic_path, write_json
 from oracle_mnist.images import to_tensor
 from oracle_mnist.models import load_model
@@ -21,7 +21,7 @@ PER_CLASS = Path("plots/per_class_accuracy.json")
 MISCLASSIFIED = Path("plots/misclassified.png")
 
 
-@exit_on_error
+@stage_main
 def main() -> None:
     cfg = load_params(PARAMS).evaluate
     device = engine.select_device(cfg.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from oracle_mnist.datasets import load_features
-from oracle_mnist.errors import exit_on_error
+from oracle_mnist.errors import stage_main
 from oracle_mnist.export import OPSET, PARITY_TOLERANCE, check_parity, export_onnx
 from oracle_mnist.fsutil import atomic_path, write_json
 from oracle_mnist.inference import Predictor
@@ -17,7 +17,7 @@ TEST_FEATURES = Path("data/features/test.npz")
 METRICS = Path("metrics/export.json")
 
 
-@exit_on_error
+@stage_main
 def main() -> None:
     model, meta = load_model(MODEL)
     images, _ = load_features(TEST_FEATURES)

@@ -8,7 +8,7 @@ import numpy as np
 
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, convert_scans, load_features, load_manifest, save_features
-from oracle_mnist.errors import exit_on_error
+from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, atomic_path
 from oracle_mnist.images import resize_batch, sample_grid
 
@@ -19,7 +19,7 @@ FEATURES = Path("data/features")
 SAMPLES_PLOT = Path("plots/samples.png")
 
 
-@exit_on_error
+@stage_main
 def main() -> None:
     params = load_params(PARAMS)
     feat = params.featurize

@@ -10,7 +10,7 @@ import numpy as np
 
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
-from oracle_mnist.errors import exit_on_error
+from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, write_json
 from oracle_mnist.sources import FetchedFile, blame_source, fetch_idx, fetch_scans
 
@@ -20,7 +20,7 @@ PREPARED = Path("data/prepared")
 METRICS = Path("metrics/prepare.json")
 
 
-@exit_on_error
+@stage_main
 def main() -> None:
     params = load_params(PARAMS)
     data, feat = params.data, params.featurize

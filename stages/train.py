@@ -13,7 +13,7 @@ from dvclive import Live
 from oracle_mnist import engine
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
-from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.errors import OracleMnistError, stage_main
 from oracle_mnist.models import ModelMeta, build_model, save_model
 
 PARAMS = Path("params.yaml")
@@ -25,7 +25,7 @@ LIVE_DIR = Path("dvclive")
 CHECKPOINTS = Path("checkpoints/train")
 
 
-@exit_on_error
+@stage_main
 def main() -> None:
     params = load_params(PARAMS)
     cfg = params.train

@@ -3,18 +3,34 @@ every bad input the data stages refuse (run as the stage scripts, the way dvc ru
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import dvc, enlarge, free_port, own_frame, png_bomb, run, serve_directory, tint, write_params
+from helpers import (
+    QuietHandler,
+    dvc,
+    enlarge,
+    free_port,
+    own_frame,
+    png_bomb,
+    run,
+    serve_directory,
+    tint,
+    write_params,
+)
 from PIL import Image
 
 from oracle_mnist.datasets import IDX_FILES, load_features, read_idx_split, write_idx
@@ -363,3 +379,119 @@ def test_featurize_without_prepare_names_what_to_run(repo_copy: Path):
     assert "data/prepared/train.npz: feature file not found" in proc.stderr
     assert not (repo_copy / "data" / "features").exists()
     assert (sha256_file(grid) if grid.exists() else None) == before
+
+
+# --- interrupted stages: no orphans, no debris ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def held_server(root: Path) -> Iterator[tuple[str, threading.Event, threading.Event]]:
+    """(url, asked, release): `root` over HTTP, but every request waits for `release`; `asked` is set once
+    a request came in, so the stage is known to be inside its download."""
+    asked, release = threading.Event(), threading.Event()
+
+    class Held(QuietHandler):
+        def do_GET(self) -> None:
+            asked.set()
+            release.wait(60)
+            # A stage stopped mid-download hangs up on us: expected here, not worth a traceback.
+            with contextlib.suppress(ConnectionError):
+                super().do_GET()
+
+    with serve_directory(root, Held) as url:
+        try:
+            yield url, asked, release
+        finally:
+            release.set()
+
+
+def stage_pids(repo: Path, script: str) -> list[int]:
+    """Live (not zombie) processes running `script` in `repo`, found through /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cwd = os.readlink(entry / "cwd")
+        except (OSError, IndexError):
+            continue
+        if script.encode() in argv and cwd == str(repo) and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(condition: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def debris(repo: Path) -> list[str]:
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob(".*.tmp")) + sorted(
+        str(p.relative_to(repo)) for p in repo.rglob(".*.old")
+    )
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="parent-death signals and /proc are Linux's")
+@pytest.mark.parametrize("shell", ["/bin/bash", "/bin/sh"])
+def test_stage_ends_with_its_dvc_and_writes_nothing(shell: str, repo_copy: Path, sample_dir: Path):
+    # dvc runs `$SHELL -c "python stages/prepare.py"`: bash execs python (dvc is its parent), dash (/bin/sh,
+    # dvc's fallback) stays in between, so both ways a stage hangs off dvc are covered.
+    with held_server(sample_dir) as (url, asked, release):
+        write_params(repo_copy, {"data": {"source": url}})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dvc", "repro", "prepare"],
+            cwd=repo_copy,
+            env={**os.environ, "SHELL": shell},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert asked.wait(120), "prepare never asked for a file"
+            assert len(stage_pids(repo_copy, "stages/prepare.py")) == 1
+            before = stage_outputs(repo_copy)  # dvc has removed the old outputs by now
+            proc.kill()  # dvc alone, as kill -9 would
+            proc.wait()
+            release.set()  # an orphan would now get its files and write its outputs
+            ended = wait_for(lambda: not stage_pids(repo_copy, "stages/prepare.py"), 10)
+        finally:
+            proc.kill()
+            proc.wait()
+            for pid in stage_pids(repo_copy, "stages/prepare.py"):
+                os.kill(pid, signal.SIGKILL)
+    assert ended, "prepare outlived its dvc"
+    # Nothing written after dvc died; the stage's temporary directories removed on its way out.
+    temporary = re.compile(r"(^|/)\.[^/]+\.tmp(/|$)")
+    assert stage_outputs(repo_copy) == {k: v for k, v in before.items() if not temporary.search(k)}
+    assert debris(repo_copy) == []
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
+def test_sigterm_and_kill_leave_no_temporary_files(repo_copy: Path, sample_dir: Path):
+    before = stage_outputs(repo_copy)
+    with held_server(sample_dir) as (url, asked, release):
+        write_params(repo_copy, {"data": {"source": url}})
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            asked.clear()
+            proc = subprocess.Popen(
+                [sys.executable, "stages/prepare.py"], cwd=repo_copy, stderr=subprocess.PIPE, text=True
+            )
+            assert asked.wait(60), "prepare never asked for a file"
+            proc.send_signal(sig)
+            _, stderr = proc.communicate(timeout=30)
+            if sig == signal.SIGTERM:
+                # The stage's own cleanup ran: a clean error line, nothing left beside the outputs.
+                assert proc.returncode == 143 and stderr.strip().splitlines()[-1].startswith(
+                    "error: stopped by SIGTERM"
+                )
+                assert debris(repo_copy) == [] and stage_outputs(repo_copy) == before
+        # kill -9 leaves the temporary directories; the next run removes them.
+        assert [Path(p).name.split(".")[1] for p in debris(repo_copy)] == ["prepared", "raw"]
+        release.set()
+        code, stderr, _ = run_prepare(repo_copy)
+    assert code == 0, stderr
+    assert debris(repo_copy) == []
+    assert (repo_copy / "data" / "prepared" / "train.npz").is_file()
