@@ -5,7 +5,9 @@ Runs as `python stages/train.py` or, unchanged, as `torchrun --nproc_per_node=N 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from dvclive import Live
@@ -25,6 +27,22 @@ LIVE_DIR = Path("dvclive")
 CHECKPOINTS = Path("checkpoints/train")
 
 
+def log_epoch(live: Live, stats: engine.EpochStats) -> None:
+    live.step = stats.epoch
+    live.log_metric("train/loss", stats.train_loss)
+    live.log_metric("val/loss", stats.val_loss)
+    live.log_metric("val/acc", stats.val_acc)
+    live.log_metric("lr", stats.lr)
+    live.make_summary()
+
+
+def log_best(live: Live, best: engine.EpochStats) -> None:
+    live.log_metric("best/epoch", best.epoch, plot=False)
+    live.log_metric("best/val_acc", best.val_acc, plot=False)
+    live.log_metric("best/val_loss", best.val_loss, plot=False)
+    live.end()
+
+
 @stage_main
 def main() -> None:
     params = load_params(PARAMS)
@@ -37,6 +55,10 @@ def main() -> None:
 
     info = engine.init_distributed(cfg.device)
     device = engine.select_device(cfg.device, info)
+    if device.type == "cpu":
+        engine.fix_cpu_threads(cfg.threads)
+        if info.is_main:
+            print(f"training on CPU with {cfg.threads} threads per process (train.threads)", file=sys.stderr)
     engine.make_deterministic(cfg.seed)
     model = build_model(params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file)
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
@@ -46,27 +68,14 @@ def main() -> None:
     run_key = engine.digest_json([params_hash, data_hash, info.world_size])
 
     live = Live(str(LIVE_DIR), save_dvc_exp=False, dvcyaml=None) if info.is_main else None
-
-    def log_epoch(stats: engine.EpochStats) -> None:
-        assert live is not None
-        live.step = stats.epoch
-        live.log_metric("train/loss", stats.train_loss)
-        live.log_metric("val/loss", stats.val_loss)
-        live.log_metric("val/acc", stats.val_acc)
-        live.log_metric("lr", stats.lr)
-        live.make_summary()
-
     checkpoints = CHECKPOINTS / run_key[:16]
     result = engine.fit(
         model, train, val, mean, std, cfg, device=device, info=info, checkpoint_dir=checkpoints,
-        fingerprint=run_key, on_epoch=log_epoch if live is not None else None,
+        fingerprint=run_key, on_epoch=partial(log_epoch, live) if live is not None else None,
     )  # fmt: skip
     if live is not None and result.best is not None:
         best = result.best
-        live.log_metric("best/epoch", best.epoch, plot=False)
-        live.log_metric("best/val_acc", best.val_acc, plot=False)
-        live.log_metric("best/val_loss", best.val_loss, plot=False)
-        live.end()
+        log_best(live, best)
         model.load_state_dict(result.state_dict)
         meta = ModelMeta(
             model_name=params.model,

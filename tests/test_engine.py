@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -9,10 +10,12 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from tqdm import tqdm
 
 from oracle_mnist import engine
 from oracle_mnist.config import AugmentConfig, TrainConfig
@@ -132,6 +135,73 @@ def test_checkpoint_with_other_fingerprint_is_ignored(sample, tmp_path):
     assert seen == [1, 2]
 
 
+def _state(seed: int) -> engine.TrainingState:
+    engine.make_deterministic(seed)
+    state = engine.build_state(build_model("resnet10t", 10, 28), TINY, steps=3, device=CPU)
+    # Stands in for what a later recipe adds (a temperature, an EMA): any object with a state_dict pair.
+    state.extras["temperature"] = torch.nn.Linear(1, 1, bias=False)
+    return state
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def test_training_state_round_trips_through_its_one_state_dict(sample):
+    trained = _state(7)
+    data = engine.prepare_data(*sample, 0.2, 0.3, TINY, CPU, engine.DistInfo())
+    loss_fn = torch.nn.CrossEntropyLoss()
+    train_loss = engine.train_one_epoch(
+        trained, trained.model, data, loss_fn, engine.DistInfo(), tqdm(disable=True)
+    )
+    trained.keep_best(engine.validate(trained, data, train_loss))
+    with torch.no_grad():
+        trained.extras["temperature"].weight.fill_(1.5)
+    saved = trained.state_dict()
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)  # what a checkpoint holds must load with weights_only
+    buffer.seek(0)
+
+    fresh = _state(8)
+    assert not _same(fresh.state_dict(), saved)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert _same(fresh.state_dict(), saved)
+    assert (fresh.epoch, fresh.best, fresh.history) == (1, trained.best, trained.history)
+    assert fresh.extras["temperature"].weight.item() == 1.5
+    # Both go on identically: the generators and the schedule came back too.
+    again = [
+        engine.train_one_epoch(s, s.model, data, loss_fn, engine.DistInfo(), tqdm(disable=True))
+        for s in (trained, fresh)
+    ]
+    assert again[0] == again[1]
+    assert _same(fresh.state_dict(), trained.state_dict())
+
+
+def test_checkpoint_of_the_format_before_training_state_is_ignored(sample, tmp_path, capsys):
+    short = replace(TINY, epochs=2, warmup_epochs=1)
+
+    def stop_at_two(stats: engine.EpochStats) -> None:
+        if stats.epoch == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="run", on_epoch=stop_at_two)
+    (path,) = tmp_path.glob("epoch-*.pt")
+    saved = torch.load(path, weights_only=True)
+    # Format 1 kept the fields flat beside the fingerprint, with no format field.
+    torch.save({"fingerprint": "run", **saved["state"]}, path)
+    seen: list[int] = []
+    _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="run", on_epoch=lambda s: seen.append(s.epoch))
+    assert seen == [1, 2]  # trained from the start, not resumed
+    assert "written by another version of the training code" in capsys.readouterr().err
+
+
 def test_fit_rejects_batches_that_do_not_fit(sample):
     with pytest.raises(OracleMnistError, match="larger than the 256 training images"):
         _fit(sample, replace(TINY, batch_size=512))
@@ -145,6 +215,49 @@ def test_select_device_auto_and_unavailable_choice():
             engine.select_device("cuda")
         assert engine.select_device("auto").type in ("cpu", "mps")
     assert engine.select_device("cpu") == CPU
+
+
+THREADS_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, os, sys
+    # Before torch loads: OpenMP sizes its default thread pool from the cores this process may use.
+    os.sched_setaffinity(0, {int(core) for core in sys.argv[1].split(",")})
+    import numpy as np, torch
+    from oracle_mnist import engine
+    from oracle_mnist.config import TrainConfig
+    from oracle_mnist.models import build_model
+
+    engine.fix_cpu_threads(2)
+    engine.make_deterministic(0)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), rng.integers(0, 10, 128)
+    cfg = TrainConfig(epochs=2, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2)
+    model = build_model("resnet10t", 10, 28)
+    result = engine.fit(model, (x, y), (x[:32], y[:32]), 0.3, 0.3, cfg, device=torch.device("cpu"))
+    digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.state_dict.values()))
+    print(torch.get_num_threads(), digest.hexdigest())
+    """
+)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to pin"
+)
+def test_fixed_thread_count_gives_the_same_weights_on_one_core_and_on_two(tmp_path):
+    script = tmp_path / "threads_fit.py"
+    script.write_text(THREADS_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    outputs = []
+    for allowed in (cores[:1], cores):
+        proc = subprocess.run(
+            [sys.executable, str(script), ",".join(map(str, allowed))],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outputs.append(proc.stdout.split())
+    assert outputs[0][0] == outputs[1][0] == "2"
+    assert outputs[0][1] == outputs[1][1]
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -92,10 +92,11 @@ class TrainConfig:
     pretrained: bool = False
     weights_file: str | None = None  # local pretrained weights (offline); None: timm's download
     batches_per_epoch: int | None = None  # None: the whole training split each epoch
+    threads: int = 2  # torch CPU threads for training: fixed, so results do not depend on the core count
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "seed"):
+        for name in ("epochs", "batch_size", "seed", "threads"):
             if getattr(self, name) < (0 if name == "seed" else 1):
                 raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
         if not 0 <= self.warmup_epochs < self.epochs:

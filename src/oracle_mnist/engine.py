@@ -1,5 +1,9 @@
 """The training loop: deterministic on CPU, resumable from its last finished epoch, DDP-aware under torchrun.
 
+Everything a run carries between epochs is one `TrainingState` with one state_dict()/load_state_dict() pair:
+a checkpoint is that state_dict with the run's fingerprint. `fit` drives named steps over it: prepare the data,
+build or resume the state, then per epoch train_one_epoch, validate, keep_best and save_checkpoint.
+
 Randomness has three sources, all seeded from `train.seed` and saved in each checkpoint: the model's initial
 weights (the caller seeds torch before building it), the batch order (DistributedSampler, seeded per epoch)
 and the augmentation (one CPU generator). Augmentation parameters are drawn for the whole global batch on every
@@ -9,6 +13,7 @@ one process would; only the split of each batch's BatchNorm statistics differs (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,7 +23,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,6 +42,9 @@ from oracle_mnist.images import to_tensor
 from oracle_mnist.models import unwrap
 
 CHECKPOINT_GLOB = "epoch-*.pt"
+# Raised whenever the checkpoint layout changes: a checkpoint of another format is ignored, never misread
+# (format 1, before TrainingState, had no such field).
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,21 @@ def make_deterministic(seed: int) -> None:
     torch.manual_seed(seed)
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(True, warn_only=torch.cuda.is_available())
+
+
+def fix_cpu_threads(threads: int) -> None:
+    """Train on CPU with `threads` threads whatever the machine's core count.
+
+    The intra-op thread count decides how convolution and BatchNorm reductions are split, and with it the
+    order of their floating-point sums: the same run on 1 and 2 threads ends with different weights. torch's
+    default is one thread per core, which would make results depend on the machine.
+    """
+    torch.set_num_threads(threads)
+    # Settable once per process, before any inter-op work, so a second training in one process cannot; inter-op
+    # threads only run independent ops side by side and split no sum, so nothing depends on it.
+    if torch.get_num_interop_threads() != threads:
+        with contextlib.suppress(RuntimeError):
+            torch.set_num_interop_threads(threads)
 
 
 class Augmenter:
@@ -211,6 +234,156 @@ def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
+class Stateful(Protocol):
+    """What a later recipe's piece of training state (an EMA of the weights, a temperature) provides."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+@dataclass(eq=False)
+class TrainingState:
+    """Everything a run carries from one epoch to the next, saved and restored as one object.
+
+    `state_dict()` is the whole checkpoint content and `load_state_dict()` its exact inverse, so a new piece of
+    state is added in one place: a field here or, for a recipe's own object, an entry in `extras`.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    aug_gen: torch.Generator
+    device: torch.device
+    epoch: int = 0  # the last finished epoch
+    history: list[EpochStats] = field(default_factory=list)
+    best: EpochStats | None = None
+    best_weights: dict[str, torch.Tensor] | None = None
+    extras: dict[str, Stateful] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = self.device.type == "cuda"
+        return {
+            "epoch": self.epoch,
+            "model": _cpu_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "aug_rng": self.aug_gen.get_state(),
+            # The global generators too: a model with dropout or stochastic depth draws from them.
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
+            "history": [asdict(h) for h in self.history],
+            "best": asdict(self.best) if self.best is not None else None,
+            "best_weights": self.best_weights,
+            "extras": {name: part.state_dict() for name, part in self.extras.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.aug_gen.set_state(state["aug_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if self.device.type == "cuda" and state["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.epoch = state["epoch"]
+        self.history = [EpochStats(**h) for h in state["history"]]
+        self.best = EpochStats(**state["best"]) if state["best"] is not None else None
+        self.best_weights = state["best_weights"]
+        for name, part in self.extras.items():
+            part.load_state_dict(state["extras"][name])
+
+    def keep_best(self, stats: EpochStats) -> None:
+        """Record a validated epoch; its weights are kept when it is the best so far."""
+        self.history.append(stats)
+        # Ties on accuracy (frequent on a small validation split) go to the lower validation loss.
+        if self.best is None or (stats.val_acc, -stats.val_loss) > (self.best.val_acc, -self.best.val_loss):
+            self.best, self.best_weights = stats, _cpu_state(self.model)
+
+    def result(self) -> FitResult:
+        if self.best is None or self.best_weights is None:
+            return FitResult(state_dict=_cpu_state(self.model), best=None)
+        return FitResult(state_dict=self.best_weights, best=self.best, history=list(self.history))
+
+
+@dataclass(frozen=True, eq=False)
+class TrainData:
+    """A run's tensors, batch plan and augmentation: not saved, rebuilt identically on every (re)start."""
+
+    train_x: torch.Tensor  # normalised, on the training device
+    train_y: torch.Tensor
+    val_x: torch.Tensor  # normalised, on the CPU: predict_logits moves it batch by batch
+    val_y: torch.Tensor
+    sampler: DistributedSampler
+    augment: Augmenter
+    global_batch: int
+    local_batch: int
+    steps: int  # batches per epoch
+
+
+def prepare_data(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    mean: float,
+    std: float,
+    cfg: TrainConfig,
+    device: torch.device,
+    info: DistInfo,
+) -> TrainData:
+    if cfg.batch_size % info.world_size:
+        raise OracleMnistError(
+            f"train.batch_size: {cfg.batch_size} does not split evenly over {info.world_size} processes"
+        )
+    local_batch = cfg.batch_size // info.world_size
+    train_x, train_y = to_tensor(train[0], mean, std).to(device), torch.as_tensor(train[1]).long().to(device)
+    background = float(to_tensor(np.zeros((1, 1), np.uint8), mean, std).item())
+    sampler = DistributedSampler(
+        range(len(train_x)), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed
+    )
+    steps = len(sampler) // local_batch
+    if cfg.batches_per_epoch is not None:
+        steps = min(steps, cfg.batches_per_epoch)
+    if steps < 1:
+        raise OracleMnistError(
+            f"train.batch_size: {cfg.batch_size} is larger than the {len(train_x)} training images"
+        )
+    return TrainData(
+        train_x=train_x,
+        train_y=train_y,
+        val_x=to_tensor(val[0], mean, std),
+        val_y=torch.as_tensor(val[1]).long(),
+        sampler=sampler,
+        augment=Augmenter(cfg.augment, background),
+        global_batch=cfg.batch_size,
+        local_batch=local_batch,
+        steps=steps,
+    )
+
+
+def build_state(model: nn.Module, cfg: TrainConfig, steps: int, device: torch.device) -> TrainingState:
+    """A fresh training state for `model` (already seeded and built), `steps` batches per epoch."""
+    model = model.to(device)
+    # The fused kernel is several times faster than the default loop on CPU, and equally deterministic.
+    optimizer = torch.optim.AdamW(
+        param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, fused=device.type in ("cpu", "cuda")
+    )
+    warmup, total = cfg.warmup_epochs * steps, cfg.epochs * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr / cfg.lr)
+    )
+    return TrainingState(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
+        aug_gen=torch.Generator().manual_seed(cfg.seed),
+        device=device,
+    )
+
+
 def latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.glob(CHECKPOINT_GLOB)) if directory.is_dir() else []
     return found[-1] if found else None
@@ -220,6 +393,97 @@ def clear_checkpoints(directory: Path) -> None:
     """Remove a finished run's checkpoint folder (the final outputs hold everything worth keeping), with any
     temporary file a killed earlier attempt left in it."""
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def save_checkpoint(state: TrainingState, directory: Path, fingerprint: str) -> Path:
+    path = directory / f"epoch-{state.epoch:04d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(
+            {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "state": state.state_dict()}, tmp
+        )
+    # Only the newest checkpoint is needed to resume; older ones would only fill the disk.
+    for old in directory.glob(CHECKPOINT_GLOB):
+        if old != path:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def resume(state: TrainingState, directory: Path, fingerprint: str, info: DistInfo, epochs: int) -> None:
+    """Load the newest checkpoint in `directory` into `state` if it is of this format and this run."""
+    last = latest_checkpoint(directory)
+    if last is None:
+        return
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        if info.is_main:
+            print(f"ignoring {last}: written by another version of the training code", file=sys.stderr)
+    elif saved.get("fingerprint") != fingerprint:
+        if info.is_main:
+            print(f"ignoring {last}: it belongs to other params or data", file=sys.stderr)
+    else:
+        state.load_state_dict(saved["state"])
+        if info.is_main:
+            print(f"resuming from {last} (epoch {state.epoch} of {epochs})", file=sys.stderr)
+
+
+def wrap_distributed(state: TrainingState, info: DistInfo) -> nn.Module:
+    """The module to train: `state.model` itself, or under torchrun its DDP wrapper (sharing its weights)."""
+    if not info.distributed:
+        return state.model
+    if state.device.type == "cuda":
+        # One BatchNorm over the global batch, as a single process would compute it (gloo has no SyncBN).
+        state.model = nn.SyncBatchNorm.convert_sync_batchnorm(state.model)
+    device_ids = [state.device.index] if state.device.type == "cuda" else None
+    return DistributedDataParallel(state.model, device_ids=device_ids)
+
+
+def optimizer_step(
+    state: TrainingState, net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> float:
+    """One update on one batch (mixed precision when the scaler is on); returns the batch's loss."""
+    with torch.autocast("cuda", dtype=torch.float16, enabled=state.scaler.is_enabled()):
+        loss = loss_fn(net(x), y)
+    state.optimizer.zero_grad(set_to_none=True)
+    state.scaler.scale(loss).backward()
+    state.scaler.step(state.optimizer)
+    state.scaler.update()
+    state.scheduler.step()
+    return loss.item()
+
+
+def train_one_epoch(
+    state: TrainingState, net: nn.Module, data: TrainData, loss_fn: nn.Module, info: DistInfo, bar: tqdm
+) -> float:
+    """Epoch `state.epoch + 1` over this process's share of the batches; the mean loss over all processes."""
+    data.sampler.set_epoch(state.epoch + 1)
+    order = torch.as_tensor(list(data.sampler))
+    mine = slice(info.rank, None, info.world_size)
+    net.train()
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    for step in range(data.steps):
+        idx = order[step * data.local_batch : (step + 1) * data.local_batch].to(state.device)
+        theta, boxes = data.augment.draw(data.global_batch, state.aug_gen)
+        x = data.augment.apply(data.train_x[idx], theta[mine], boxes[mine])
+        loss = optimizer_step(state, net, loss_fn, x, data.train_y[idx])
+        loss_sum += torch.tensor([loss * len(idx), len(idx)], dtype=torch.float64)
+        bar.update()
+        bar.set_postfix(loss=f"{loss_sum[0].item() / loss_sum[1].item():.4f}")
+    if info.distributed:
+        torch_dist.all_reduce(loss_sum)
+    state.epoch += 1
+    return loss_sum[0].item() / loss_sum[1].item()
+
+
+def validate(state: TrainingState, data: TrainData, train_loss: float) -> EpochStats:
+    """The finished epoch's numbers on the validation split (main process only)."""
+    logits = predict_logits(state.model, data.val_x, state.device, amp=state.scaler.is_enabled())
+    return EpochStats(
+        epoch=state.epoch,
+        train_loss=train_loss,
+        val_loss=F.cross_entropy(logits, data.val_y).item(),
+        val_acc=(logits.argmax(1) == data.val_y).double().mean().item(),
+        lr=state.optimizer.param_groups[0]["lr"],
+    )
 
 
 def fit(
@@ -242,171 +506,28 @@ def fit(
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
     (replayed ones first after a resume) on the main process.
     """
-    if cfg.batch_size % info.world_size:
-        raise OracleMnistError(
-            f"train.batch_size: {cfg.batch_size} does not split evenly over {info.world_size} processes"
-        )
-    local_batch = cfg.batch_size // info.world_size
-    train_x, train_y = to_tensor(train[0], mean, std).to(device), torch.as_tensor(train[1]).long().to(device)
-    val_x, val_y = to_tensor(val[0], mean, std), torch.as_tensor(val[1]).long()
-    background = float(to_tensor(np.zeros((1, 1), np.uint8), mean, std).item())
-    augment = Augmenter(cfg.augment, background)
-    sampler = DistributedSampler(
-        range(len(train_x)), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed
-    )
-    steps = len(sampler) // local_batch
-    if cfg.batches_per_epoch is not None:
-        steps = min(steps, cfg.batches_per_epoch)
-    if steps < 1:
-        raise OracleMnistError(
-            f"train.batch_size: {cfg.batch_size} is larger than the {len(train_x)} training images"
-        )
-
-    model = model.to(device)
-    # The fused kernel is several times faster than the default loop on CPU, and equally deterministic.
-    optimizer = torch.optim.AdamW(
-        param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, fused=device.type in ("cpu", "cuda")
-    )
-    warmup, total = cfg.warmup_epochs * steps, cfg.epochs * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, warmup, total, cfg.min_lr / cfg.lr)
-    )
-    use_amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    aug_gen = torch.Generator().manual_seed(cfg.seed)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-
-    history: list[EpochStats] = []
-    best: tuple[EpochStats, dict[str, torch.Tensor]] | None = None
-    start_epoch = 1
-    last = latest_checkpoint(checkpoint_dir) if checkpoint_dir is not None else None
-    if last is not None:
-        state = torch.load(last, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            aug_gen.set_state(state["aug_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and state["cuda_rng"] is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-            history = [EpochStats(**h) for h in state["history"]]
-            best = (EpochStats(**state["best_stats"]), state["best_state"])
-            start_epoch = state["epoch"] + 1
-            if info.is_main:
-                print(f"resuming from {last} (epoch {state['epoch']} of {cfg.epochs})", file=sys.stderr)
-        elif info.is_main:
-            print(f"ignoring {last}: it belongs to other params or data", file=sys.stderr)
-    if on_epoch is not None and info.is_main:
-        for stats in history:
+    data = prepare_data(train, val, mean, std, cfg, device, info)
+    state = build_state(model, cfg, data.steps, device)
+    if checkpoint_dir is not None:
+        resume(state, checkpoint_dir, fingerprint, info, cfg.epochs)
+    if info.is_main and on_epoch is not None:
+        for stats in state.history:
             on_epoch(stats)
-
-    if info.distributed:
-        if device.type == "cuda":
-            # One BatchNorm over the global batch, as a single process would compute it (gloo has no SyncBN).
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        sampler.set_epoch(epoch)
-        order = torch.as_tensor(list(sampler))
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        bar = tqdm(
-            total=steps,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            file=sys.stderr,
-            disable=not info.is_main,
-            leave=True,
-        )
-        for step in range(steps):
-            idx = order[step * local_batch : (step + 1) * local_batch].to(device)
-            theta, boxes = augment.draw(cfg.batch_size, aug_gen)
-            mine = slice(info.rank, None, info.world_size)
-            x = augment.apply(train_x[idx], theta[mine], boxes[mine])
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
-                loss = criterion(model(x), train_y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            loss_sum += torch.tensor([loss.item() * len(idx), len(idx)], dtype=torch.float64)
-            bar.update()
-            bar.set_postfix(loss=f"{loss_sum[0].item() / loss_sum[1].item():.4f}")
-        if info.distributed:
-            torch_dist.all_reduce(loss_sum)
-        train_loss = loss_sum[0].item() / loss_sum[1].item()
-
-        if info.is_main:
-            logits = predict_logits(unwrap(model), val_x, device, amp=use_amp)
-            stats = EpochStats(
-                epoch=epoch,
-                train_loss=train_loss,
-                val_loss=F.cross_entropy(logits, val_y).item(),
-                val_acc=(logits.argmax(1) == val_y).double().mean().item(),
-                lr=optimizer.param_groups[0]["lr"],
-            )
+    net = wrap_distributed(state, info)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    while state.epoch < cfg.epochs:
+        desc = f"epoch {state.epoch + 1}/{cfg.epochs}"
+        with tqdm(total=data.steps, desc=desc, file=sys.stderr, disable=not info.is_main, leave=True) as bar:
+            train_loss = train_one_epoch(state, net, data, loss_fn, info, bar)
+            if not info.is_main:
+                continue
+            stats = validate(state, data, train_loss)
             bar.set_postfix(
                 loss=f"{train_loss:.4f}", val_loss=f"{stats.val_loss:.4f}", val_acc=f"{stats.val_acc:.4f}"
             )
-            history.append(stats)
-            # Ties on accuracy (frequent on a small validation split) go to the lower validation loss.
-            if best is None or (stats.val_acc, -stats.val_loss) > (best[0].val_acc, -best[0].val_loss):
-                best = (stats, _cpu_state(model))
+            state.keep_best(stats)
             if on_epoch is not None:
                 on_epoch(stats)
             if checkpoint_dir is not None:
-                _save_checkpoint(
-                    checkpoint_dir,
-                    epoch,
-                    fingerprint,
-                    model,
-                    optimizer,
-                    scheduler,
-                    scaler,
-                    aug_gen,
-                    history,
-                    best,
-                )
-        bar.close()
-
-    if best is None:
-        return FitResult(state_dict=_cpu_state(model), best=None)
-    return FitResult(state_dict=best[1], best=best[0], history=history)
-
-
-def _save_checkpoint(
-    directory: Path,
-    epoch: int,
-    fingerprint: str,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: torch.amp.GradScaler,
-    aug_gen: torch.Generator,
-    history: list[EpochStats],
-    best: tuple[EpochStats, dict[str, torch.Tensor]],
-) -> None:
-    state = {
-        "fingerprint": fingerprint,
-        "epoch": epoch,
-        "model": _cpu_state(model),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "aug_rng": aug_gen.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "history": [asdict(h) for h in history],
-        "best_stats": asdict(best[0]),
-        "best_state": best[1],
-    }
-    path = directory / f"epoch-{epoch:04d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    # Only the newest checkpoint is needed to resume; older ones would only fill the disk.
-    for old in directory.glob(CHECKPOINT_GLOB):
-        if old != path:
-            old.unlink(missing_ok=True)
+                save_checkpoint(state, checkpoint_dir, fingerprint)
+    return state.result()
