@@ -33,7 +33,7 @@ def main() -> None:
     ):
         if data.format == "idx":
             fetched = fetch_idx(data.source, raw, base_dir)
-            arrays = split_idx(raw, params.num_classes, data.val_fraction, data.seed)
+            arrays = split_idx(raw, params.classes, data.val_fraction, data.seed)
             labels = {split: arrays[split][1] for split in SPLITS}
             for split in SPLITS:
                 save_features(prepared / f"{split}.npz", *arrays[split])

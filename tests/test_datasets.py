@@ -23,6 +23,7 @@ from oracle_mnist.datasets import (
     save_features,
     save_manifest,
     scan_items,
+    split_idx,
     split_scans,
     stratified_split,
     write_idx,
@@ -149,6 +150,46 @@ def test_bad_feature_files_are_refused(tmp_path: Path):
     with pytest.raises(OracleMnistError, match=r"labels must be integers \(N,\) matching 2 images"):
         save_features(tmp_path / "x.npz", np.zeros((2, 4, 4), np.uint8), np.zeros(3, np.int64))
     assert not (tmp_path / "x.npz").exists()
+
+
+def corrupt_npz(path: Path) -> Path:
+    """Flip one byte inside the stored 'images' array: the zip's CRC-32 no longer matches."""
+    save_features(path, np.full((4, 8, 8), 7, np.uint8), np.arange(4))
+    data = bytearray(path.read_bytes())
+    data[data.index(bytes([7] * 64)) + 10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_feature_file_with_a_crc_error_is_refused(tmp_path: Path):
+    corrupt_npz(tmp_path / "train.npz")
+    with pytest.raises(OracleMnistError, match=r"train.npz: not a readable feature file \(Bad CRC-32"):
+        load_features(tmp_path / "train.npz")
+
+
+def test_split_idx_needs_every_class_in_every_split(tmp_path: Path, sample_dir: Path):
+    for name in sample_dir.glob("*.gz"):
+        shutil.copyfile(name, tmp_path / name.name)
+    labels_path = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels = read_idx(labels_path)
+    write_idx(labels_path, np.where(labels == 3, 4, labels).astype(np.uint8))
+    with pytest.raises(
+        OracleMnistError, match=rf"{labels_path}: no images for class\(es\) 3 \(cattle\) in train"
+    ):
+        split_idx(tmp_path, CLASSES, 0.1, 0)
+    # One image of class 5 left: round(0.1 * 1) = 0 of it goes to val.
+    labels = np.where(labels == 5, 6, labels)
+    labels[np.flatnonzero(read_idx(sample_dir / "train-labels-idx1-ubyte.gz") == 5)[0]] = 5
+    write_idx(labels_path, labels.astype(np.uint8))
+    with pytest.raises(OracleMnistError, match=r"no images for class\(es\) 5 \(field\) in val \(val takes"):
+        split_idx(tmp_path, CLASSES, 0.1, 0)
+    test_labels = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    write_idx(labels_path, read_idx(sample_dir / "train-labels-idx1-ubyte.gz"))
+    write_idx(test_labels, np.where(read_idx(test_labels) == 9, 0, read_idx(test_labels)).astype(np.uint8))
+    with pytest.raises(
+        OracleMnistError, match=rf"{test_labels}: no images for class\(es\) 9 \(wood\) in test"
+    ):
+        split_idx(tmp_path, CLASSES, 0.1, 0)
 
 
 def test_load_features_checks_labels_against_the_classes(tmp_path: Path):

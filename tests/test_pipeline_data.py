@@ -269,6 +269,13 @@ IDX_CASES = {
         False,
         r"train-labels-idx1-ubyte.gz: label 10 at index 17 is outside the 10 classes",
     ),
+    "class-missing": (
+        rewrite_idx(
+            "train-labels-idx1-ubyte.gz", lambda labels: np.where(labels == 3, 4, labels).astype(np.uint8)
+        ),
+        False,
+        r"train-labels-idx1-ubyte.gz: no images for class\(es\) 3 \(cattle\) in train",
+    ),
     "checksum": (
         flip_byte("t10k-images-idx3-ubyte.gz"),
         True,
@@ -495,3 +502,23 @@ def test_sigterm_and_kill_leave_no_temporary_files(repo_copy: Path, sample_dir: 
     assert code == 0, stderr
     assert debris(repo_copy) == []
     assert (repo_copy / "data" / "prepared" / "train.npz").is_file()
+
+
+@pytest.mark.parametrize("stage", ["train", "evaluate", "export"])
+def test_feature_file_with_a_crc_error_is_an_error_line(stage: str, repo_copy: Path, model_file: Path):
+    features = repo_copy / "data" / "features"
+    features.mkdir(parents=True)
+    (repo_copy / "models").mkdir()
+    shutil.copyfile(model_file, repo_copy / "models" / "model.pt")  # evaluate and export load it first
+    for split in ("train", "val", "test"):
+        images = np.full((4, 28, 28), 7, np.uint8)
+        np.savez(features / f"{split}.npz", images=images, labels=np.arange(4, dtype=np.int64))
+        data = bytearray((features / f"{split}.npz").read_bytes())
+        data[data.index(images.tobytes()) + 100] ^= 0xFF
+        (features / f"{split}.npz").write_bytes(bytes(data))
+    proc = run([sys.executable, f"stages/{stage}.py"], cwd=repo_copy, check=False, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"error: data/features/(train|test).npz: not a readable feature file \(Bad CRC-32.*", last
+    )

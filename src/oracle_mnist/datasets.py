@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import sys
+import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -143,7 +144,7 @@ def load_features(path: str | Path, num_classes: int | None = None) -> tuple[np.
             images, labels = npz["images"], npz["labels"]
     except FileNotFoundError:
         raise OracleMnistError(f"{path}: feature file not found (run `dvc repro featurize`)") from None
-    except (OSError, ValueError, zlib.error, EOFError) as exc:
+    except (OSError, ValueError, zlib.error, EOFError, zipfile.BadZipFile) as exc:
         raise OracleMnistError(f"{path}: not a readable feature file ({exc})") from None
     _check_features(path, images, labels)
     if num_classes is not None and labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -264,19 +265,34 @@ def _tick(bar: tqdm, value: R) -> R:
 
 
 def split_idx(
-    raw: Path, num_classes: int, val_fraction: float, seed: int
+    raw: Path, classes: Sequence[str], val_fraction: float, seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The official idx files in `raw` -> {train, val, test: (images, labels)}, val stratified from train."""
+    """The official idx files in `raw` -> {train, val, test: (images, labels)}, val stratified from train;
+    every class must have images in every split (as for scans)."""
     splits = {}
     for split, (images_name, labels_name) in IDX_FILES.items():
-        splits[split] = read_idx_split(raw / images_name, raw / labels_name, num_classes)
+        splits[split] = read_idx_split(raw / images_name, raw / labels_name, len(classes))
     images, labels = splits["train"]
     train, val = stratified_split(labels, val_fraction, seed)
-    return {
+    out = {
         "train": (images[train], labels[train]),
         "val": (images[val], labels[val]),
         "test": splits["test"],
     }
+    for split, (_, split_labels) in out.items():
+        _check_every_class(
+            raw / IDX_FILES["test" if split == "test" else "train"][1], split, split_labels, classes
+        )
+    return out
+
+
+def _check_every_class(labels_path: Path, split: str, labels: np.ndarray, classes: Sequence[str]) -> None:
+    empty = [f"{i} ({classes[i]})" for i, n in enumerate(class_counts(labels, len(classes))) if n == 0]
+    if empty:
+        why = (
+            f" (val takes data.val_fraction of each class from {labels_path.name})" if split == "val" else ""
+        )
+        raise OracleMnistError(f"{labels_path}: no images for class(es) {', '.join(empty)} in {split}{why}")
 
 
 def split_scans(
