@@ -16,6 +16,7 @@ PARAMS = Path("params.yaml")
 MODEL = Path("models/model.pt")
 TEST = Path("data/features/test.npz")
 METRICS = Path("metrics/evaluate.json")
+PER_CLASS_SCORES = Path("metrics/per_class.json")
 CONFUSION = Path("plots/confusion.json")
 PER_CLASS = Path("plots/per_class_accuracy.json")
 MISCLASSIFIED = Path("plots/misclassified.png")
@@ -39,6 +40,8 @@ def main() -> None:
     probs = metrics.softmax(logits)
     preds = probs.argmax(axis=1)
 
+    # Per-class scores go to their own file: in the metrics file each would be a `dvc exp show` column.
+    write_json(PER_CLASS_SCORES, report.pop("per_class"))
     write_json(METRICS, report)
     write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
     write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
