@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,31 +12,46 @@ import pytest
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.metrics import (
     confusion_records,
-    cross_entropy,
     evaluate,
     expected_calibration_error,
     per_class_accuracy,
     softmax,
-    top_k_accuracy,
 )
 
 NAMES = ("a", "b", "c")
 
 
-def test_softmax_and_cross_entropy_match_hand_values():
+def test_softmax_and_loss_match_hand_values():
     logits = np.array([[0.0, 0.0, 0.0], [1000.0, 0.0, 0.0]])
     probs = softmax(logits)
     np.testing.assert_allclose(probs[0], [1 / 3] * 3)
     np.testing.assert_allclose(probs[1], [1.0, 0.0, 0.0], atol=1e-12)  # no overflow at large logits
-    assert cross_entropy(logits, np.array([2, 0])) == pytest.approx(math.log(3) / 2)
+    assert evaluate(logits, np.array([2, 0]), NAMES)["loss"] == pytest.approx(math.log(3) / 2, abs=1e-6)
 
 
-def test_top_k_accuracy_counts_true_class_among_k_best():
-    probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
-    labels = np.array([0, 1, 2])
-    assert top_k_accuracy(probs, labels, 1) == pytest.approx(1 / 3)
-    assert top_k_accuracy(probs, labels, 2) == pytest.approx(2 / 3)
-    assert top_k_accuracy(probs, labels, 3) == 1.0
+def test_top2_accuracy_counts_true_class_among_two_best():
+    logits = np.log(np.array([[0.5, 0.3, 0.2]] * 3))
+    report = evaluate(logits, np.array([0, 1, 2]), NAMES)
+    assert report["accuracy"] == pytest.approx(1 / 3, abs=1e-6)
+    assert report["top2_accuracy"] == pytest.approx(2 / 3, abs=1e-6)
+    # Classes missing from the labels still count as candidates.
+    assert evaluate(logits[:2], np.array([2, 2]), NAMES)["top2_accuracy"] == 0.0
+
+
+def test_evaluate_works_with_two_classes():
+    logits = np.log(np.array([[0.8, 0.2], [0.4, 0.6], [0.3, 0.7]]))
+    with pytest.warns(UserWarning, match="perfect score"):  # top-2 of 2 classes: always right, and said so
+        report = evaluate(logits, np.array([0, 0, 1]), ("a", "b"))
+    assert (report["accuracy"], report["top2_accuracy"]) == (pytest.approx(2 / 3, abs=1e-6), 1.0)
+    assert report["loss"] == pytest.approx(-np.mean(np.log([0.8, 0.4, 0.7])), abs=1e-6)
+
+
+def test_importing_the_serving_side_does_not_load_scikit_learn():
+    code = "import sys, oracle_mnist.inference, oracle_mnist.metrics; print('sklearn' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert proc.stdout.strip() == "False"
 
 
 def test_ece_is_zero_when_calibrated_and_gap_when_overconfident():

@@ -1,4 +1,5 @@
-"""Evaluation numbers from logits and labels: accuracy, F1, top-k, loss, calibration, confusion records."""
+"""Evaluation numbers from logits and labels (scikit-learn where it has them): accuracy, F1, top-k, loss,
+calibration, confusion records."""
 
 from __future__ import annotations
 
@@ -14,19 +15,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
-
-
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Mean negative log-likelihood of the true classes (no label smoothing)."""
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-    return float(-log_probs[np.arange(len(labels)), labels].mean())
-
-
-def top_k_accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> float:
-    """Share of samples whose true class is among the k most probable (ties broken by lower class index)."""
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return float((top == labels[:, None]).any(axis=1).mean())
 
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
@@ -55,19 +43,21 @@ def evaluate(
     if len(labels) == 0:
         raise OracleMnistError("no test images to evaluate")
     # Imported here: serving uses softmax from this module and should not pay for loading scikit-learn.
-    from sklearn.metrics import f1_score, precision_recall_fscore_support
+    from sklearn.metrics import f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
 
     probs = softmax(logits)
     preds = probs.argmax(axis=1)
     classes = list(range(n_classes))
+    # With two classes scikit-learn wants the positive class's score alone (top-2 of 2 is then 1, with a warning).
+    top2 = top_k_accuracy_score(labels, probs if n_classes > 2 else probs[:, 1], k=2, labels=classes)
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, preds, labels=classes, zero_division=0
     )
     return {
         "accuracy": _r(float((preds == labels).mean())),
         "macro_f1": _r(float(f1_score(labels, preds, labels=classes, average="macro", zero_division=0))),
-        "top2_accuracy": _r(top_k_accuracy(probs, labels, 2)),
-        "loss": _r(cross_entropy(logits, labels)),
+        "top2_accuracy": _r(top2),
+        "loss": _r(log_loss(labels, probs, labels=classes)),  # cross-entropy, without label smoothing
         "ece": _r(expected_calibration_error(probs, labels, ece_bins)),
         "n": len(labels),
         "per_class": {
