@@ -1,9 +1,11 @@
 """Compare the results of two revisions as one markdown file with PNG plots, without a browser.
 
-The pull-request workflow posts this report as a comment; `oracle-mnist-report BASE [HEAD] -o DIR` writes the
+The pull-request workflow posts this report as a comment; `oracle-mnist report BASE [HEAD] -o DIR` writes the
 same thing locally. Everything is read through DVC itself (`dvc metrics diff`, `dvc params diff`,
-`dvc plots diff`), which takes each revision's outputs from the DVC cache (or the remote) of that revision:
-no file is copied from one checkout to another, so a stale "previous" result cannot leak in.
+`dvc plots diff`) at each revision: no file is copied from one checkout to another, so a stale "previous"
+result cannot leak in. The small results are kept in git (`cache: false` in dvc.yaml), so no remote is needed;
+a revision whose results live only in DVC's cache and are not fetched is refused at once (DVC itself would
+wait minutes on an unreachable remote and then report nothing).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from oracle_mnist.errors import OracleMnistError, exit_on_error
 from oracle_mnist.fsutil import atomic_dir
@@ -42,6 +46,60 @@ def run_dvc(args: list[str], repo: Path, timeout: float = DVC_TIMEOUT_S) -> str:
             f"`dvc {' '.join(args)}` in {repo} exited {proc.returncode}: {' / '.join(message[-3:])}"
         )
     return proc.stdout
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+
+
+def _result_paths(dvc_yaml: dict[str, Any]) -> set[str]:
+    """Metrics and plot files a revision's dvc.yaml declares (the small results a report reads)."""
+    paths: set[str] = set()
+    for stage in (dvc_yaml.get("stages") or {}).values():
+        for key in ("metrics", "plots"):
+            for out in stage.get(key) or []:
+                paths.add(next(iter(out)) if isinstance(out, dict) else out)
+    for plot in dvc_yaml.get("plots") or []:
+        name, spec = next(iter(plot.items())) if isinstance(plot, dict) else (plot, None)
+        y = spec.get("y") if isinstance(spec, dict) else None
+        paths.update(y if isinstance(y, dict) else [name])
+    return paths
+
+
+def _in_local_cache(repo: Path, md5: str) -> bool:
+    return (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
+
+
+def unfetched_results(repo: Path, rev: str) -> list[str]:
+    """Results of `rev` that are neither in git nor in the local DVC cache: only a remote could supply them."""
+    shown = [_git(repo, "show", f"{rev}:{name}") for name in ("dvc.yaml", "dvc.lock")]
+    if any(proc.returncode != 0 for proc in shown):
+        return []  # no pipeline at that revision: nothing DVC could fetch
+    dvc_yaml, dvc_lock = (yaml.safe_load(proc.stdout) or {} for proc in shown)
+    locked = {
+        out["path"]: out.get("md5", "")
+        for stage in (dvc_lock.get("stages") or {}).values()
+        for out in stage.get("outs") or []
+    }
+    missing = []
+    for path in sorted(_result_paths(dvc_yaml)):
+        if _git(repo, "cat-file", "-e", f"{rev}:{path}").returncode == 0:
+            continue
+        owner = next((out for out in locked if path == out or path.startswith(f"{out}/")), None)
+        if owner is not None and locked[owner] and not _in_local_cache(repo, locked[owner]):
+            missing.append(path)
+    return missing
+
+
+def check_fetched(repo: Path, revs: list[str]) -> None:
+    for rev in revs:
+        missing = unfetched_results(repo, rev)
+        if missing:
+            raise OracleMnistError(
+                f"revision {rev}: {', '.join(missing)} are kept only in DVC's cache and are not in the local "
+                f"cache; run `git checkout {rev} && dvc fetch` (or `dvc pull`) while the remote is reachable, "
+                "then report again"
+            )
 
 
 def slug(text: str) -> str:
@@ -125,6 +183,7 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
     """
     revs = [base, head or WORKSPACE]
     rev_args = [base] if head is None else [base, head]
+    check_fetched(repo, rev_args)
     metrics = run_dvc(["metrics", "diff", *rev_args, "--md"], repo).strip()
     params = run_dvc(["params", "diff", *rev_args, "--md"], repo).strip()
     link = image_url_prefix or "images/"
@@ -159,7 +218,7 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
 @exit_on_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="oracle-mnist-report",
+        prog="oracle-mnist report",
         description="Write a markdown report (metrics diff, params diff, plots as PNG) comparing two revisions.",
     )
     parser.add_argument("base", help="the revision to compare against, e.g. main or a commit")
