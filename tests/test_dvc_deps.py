@@ -91,8 +91,12 @@ def stage_script(cmd: str | list[str], repo: Path) -> Path:
 
 
 def missing_deps(repo: Path) -> dict[str, list[str]]:
-    """stage -> the library files it imports that its dvc.yaml deps do not name (a listed folder covers
-    everything below it)."""
+    """stage -> the library files it imports that its dvc.yaml deps do not cover. A listed folder covers the
+    files below it that .dvcignore does not hide, as DVC itself reads .dvcignore."""
+    from dvc.fs import LocalFileSystem
+    from dvc.ignore import DvcIgnoreFilter
+
+    ignored = DvcIgnoreFilter(LocalFileSystem(), str(repo))
     stages = yaml.safe_load((repo / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     src = repo / "src"
     missing = {}
@@ -102,7 +106,8 @@ def missing_deps(repo: Path) -> dict[str, list[str]]:
         absent = sorted(
             str(path.relative_to(repo))
             for path in needed
-            if not any(path == dep or dep in path.parents for dep in deps)
+            if path not in deps
+            and (not any(dep in path.parents for dep in deps) or ignored.is_ignored_file(str(path)))
         )
         if absent:
             missing[name] = absent
@@ -149,6 +154,12 @@ def test_deps_are_followed_through_function_level_and_relative_imports(toy_repo:
     assert missing_deps(toy_repo) == {}
     write_stage(toy_repo, ["src/oracle_mnist"])
     assert missing_deps(toy_repo) == {}
+
+
+def test_a_folder_dep_does_not_cover_what_dvcignore_hides(toy_repo: Path):
+    write_stage(toy_repo, ["src/oracle_mnist"])
+    (toy_repo / ".dvcignore").write_text("src/oracle_mnist/c.py\n", encoding="utf-8")
+    assert missing_deps(toy_repo) == {"s": ["src/oracle_mnist/c.py"]}
 
 
 def test_a_package_init_with_code_is_a_dep(toy_repo: Path):
