@@ -12,7 +12,7 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, write_json
-from oracle_mnist.sources import FetchedFile, blame_source, fetch_idx, fetch_scans
+from oracle_mnist.sources import FetchedFile, Limits, blame_source, fetch_idx, fetch_scans
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
@@ -32,7 +32,8 @@ def main() -> None:
         blame_source(raw, data.source, base_dir),
     ):
         if data.format == "idx":
-            fetched = fetch_idx(data.source, raw, base_dir)
+            limits = Limits(deadline=data.download_timeout, max_bytes=data.max_download_bytes)
+            fetched = fetch_idx(data.source, raw, base_dir, limits)
             arrays = split_idx(raw, params.classes, data.val_fraction, data.seed)
             labels = {split: arrays[split][1] for split in SPLITS}
             for split in SPLITS:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ from oracle_mnist.sources import (
     IDX_NAMES,
     OFFICIAL_CHECKSUMS,
     Checksum,
+    Limits,
     download,
     fetch_idx,
     fetch_scans,
@@ -56,7 +59,7 @@ def test_download_verifies_against_the_served_sums(served, tmp_path: Path, sampl
     url, _ = served
     dest = tmp_path / "raw"
     dest.mkdir()
-    fetched = fetch_idx(url.rstrip("/"), dest, tmp_path, timeout=5, retries=1)
+    fetched = fetch_idx(url.rstrip("/"), dest, tmp_path, Limits(timeout=5), retries=1)
     assert sorted(f.name for f in fetched) == sorted(IDX_NAMES)
     assert {f.verified_by for f in fetched} == {"SHA256SUMS sha256"}
     for f in fetched:
@@ -72,7 +75,7 @@ def test_corrupted_download_is_refused_and_deleted(served, tmp_path: Path):
     dest = tmp_path / "raw"
     dest.mkdir()
     with pytest.raises(OracleMnistError, match=r"train-labels-idx1-ubyte.gz: checksum mismatch.*SHA256SUMS"):
-        fetch_idx(url, dest, tmp_path, timeout=5, retries=1)
+        fetch_idx(url, dest, tmp_path, Limits(timeout=5), retries=1)
     assert not (dest / "train-labels-idx1-ubyte.gz").exists()
 
 
@@ -81,7 +84,7 @@ def test_server_without_sums_downloads_unverified(served, tmp_path: Path, capsys
     (root / "SHA256SUMS").unlink()
     dest = tmp_path / "raw"
     dest.mkdir()
-    fetched = fetch_idx(url, dest, tmp_path, timeout=5, retries=1)
+    fetched = fetch_idx(url, dest, tmp_path, Limits(timeout=5), retries=1)
     assert {f.verified_by for f in fetched} == {"none"}
     assert "serves no SHA256SUMS" in capsys.readouterr().err
 
@@ -93,14 +96,14 @@ def test_missing_file_fails_at_once_with_404(served, tmp_path: Path):
     dest.mkdir()
     start = time.monotonic()
     with pytest.raises(OracleMnistError, match=r"t10k-images-idx3-ubyte.gz: HTTP 404"):
-        fetch_idx(url, dest, tmp_path, timeout=5, retries=3)
+        fetch_idx(url, dest, tmp_path, Limits(timeout=5), retries=3)
     assert time.monotonic() - start < 3  # a 404 is not retried
 
 
 def test_transient_server_errors_are_retried(tmp_path: Path, sample_dir: Path):
     with serve_directory(sample_dir, FlakyHandler) as base:
         dest = tmp_path / "labels.gz"
-        download(f"{base}t10k-labels-idx1-ubyte.gz", dest, timeout=5, retries=2, backoff=0.05)
+        download(f"{base}t10k-labels-idx1-ubyte.gz", dest, Limits(timeout=5), retries=2, backoff=0.05)
         assert sha256_file(dest) == sha256_file(sample_dir / "t10k-labels-idx1-ubyte.gz")
 
 
@@ -108,7 +111,7 @@ def test_unreachable_url_fails_quickly_with_a_clear_message(tmp_path: Path):
     url = f"http://127.0.0.1:{free_port()}/data/"
     start = time.monotonic()
     with pytest.raises(OracleMnistError, match=r"127.0.0.1.*download failed after 2 attempt\(s\).*refused"):
-        fetch_idx(url, tmp_path, tmp_path, timeout=1, retries=2)
+        fetch_idx(url, tmp_path, tmp_path, Limits(timeout=1), retries=2)
     assert time.monotonic() - start < 5
     assert list(tmp_path.iterdir()) == []
 
@@ -124,7 +127,7 @@ def test_silent_server_times_out(tmp_path: Path):
             OracleMnistError,
             match=r"x.gz: download failed after 2 attempt\(s\) \(timeout 0.3 s each\): .*timed out",
         ):
-            download(url, tmp_path / "x.gz", timeout=0.3, retries=2, backoff=0.05)
+            download(url, tmp_path / "x.gz", Limits(timeout=0.3), retries=2, backoff=0.05)
         assert time.monotonic() - start < 3
     assert not (tmp_path / "x.gz").exists()
 
@@ -216,10 +219,11 @@ def test_official_sums_do_not_describe_the_sample(sample_dir: Path):
 def test_official_url_is_checked_against_the_upstream_ids(monkeypatch, tmp_path: Path, sample_dir: Path):
     requested = []
 
-    def fake_download(url: str, dest: Path, timeout: float, retries: int) -> None:
+    def fake_download(url: str, dest: Path, limits: Limits, retries: int) -> str:
         # Stands in for the network: serves the sample's bytes under the official names.
         requested.append(url)
         shutil.copyfile(sample_dir / url.rsplit("/", 1)[-1], dest)
+        return sha256_file(dest)
 
     monkeypatch.setattr("oracle_mnist.sources.download", fake_download)
     with pytest.raises(
@@ -229,3 +233,78 @@ def test_official_url_is_checked_against_the_upstream_ids(monkeypatch, tmp_path:
         fetch_idx(OFFICIAL_SOURCE.rstrip("/"), tmp_path, tmp_path)
     assert requested == [OFFICIAL_SOURCE + "train-images-idx3-ubyte.gz"]  # no SHA256SUMS asked for
     assert list(tmp_path.iterdir()) == []
+
+
+@contextlib.contextmanager
+def trickle_server(headers: bytes, interval: float, count: int) -> Iterator[tuple[str, dict[str, int]]]:
+    """(url, stats): a server that answers every request with `headers`, then one byte every `interval` s,
+    `count` bytes in all; stats counts connections and the body bytes it managed to send."""
+    stats = {"connections": 0, "sent": 0}
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            stats["connections"] += 1
+            with conn, contextlib.suppress(OSError):
+                conn.recv(65536)
+                conn.sendall(headers)
+                for _ in range(count):
+                    if stop.wait(interval):
+                        break
+                    conn.sendall(b"x")
+                    stats["sent"] += 1
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}/x.gz", stats
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+
+
+def test_a_trickling_server_is_cut_at_the_deadline(tmp_path: Path):
+    # Headers, then a byte every 0.2 s: each read succeeds well within the 5 s socket timeout, so only the
+    # overall deadline can end it (without one this download would take 40 s).
+    headers = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n"
+    with trickle_server(headers, 0.2, 200) as (url, stats):
+        with pytest.raises(OracleMnistError, match=r"x.gz: not downloaded within data.download_timeout=1 s"):
+            download(url, tmp_path / "x.gz", Limits(timeout=5, deadline=1), retries=3, backoff=0.05)
+        sent = stats["sent"]
+    assert 0 < sent < 200
+    assert stats["connections"] == 1  # the deadline covers the retries too
+    assert not (tmp_path / "x.gz").exists()
+
+
+def test_an_endless_stream_is_cut_at_the_size_ceiling(tmp_path: Path):
+    # No Content-Length: the body only ends when the server closes. The ceiling stops it after 11 bytes,
+    # so reads must hand over what has arrived instead of waiting for 64 KiB.
+    with trickle_server(b"HTTP/1.0 200 OK\r\n\r\n", 0.02, 100_000) as (url, stats):
+        with pytest.raises(
+            OracleMnistError, match=r"x.gz: 11 bytes or more, over data.max_download_bytes=10"
+        ):
+            download(url, tmp_path / "x.gz", Limits(timeout=5, deadline=60, max_bytes=10), retries=3)
+        assert stats["connections"] == 1  # too big is not worth retrying
+    assert not (tmp_path / "x.gz").exists()
+
+
+def test_a_declared_size_over_the_ceiling_is_refused_before_reading(served, tmp_path: Path):
+    url, root = served
+    (root / "big.gz").write_bytes(b"\0" * 300_000)
+    with pytest.raises(
+        OracleMnistError, match=r"big.gz: 300000 bytes or more, over data.max_download_bytes=100000"
+    ):
+        download(url + "big.gz", tmp_path / "big.gz", Limits(timeout=5, max_bytes=100_000), retries=1)
+    assert not (tmp_path / "big.gz").exists()
+
+
+def test_download_returns_the_sha256_it_computed_while_streaming(served, tmp_path: Path, sample_dir: Path):
+    url, _ = served
+    digest = download(url + "t10k-labels-idx1-ubyte.gz", tmp_path / "l.gz", Limits(timeout=5), retries=1)
+    assert digest == sha256_file(sample_dir / "t10k-labels-idx1-ubyte.gz") == sha256_file(tmp_path / "l.gz")

@@ -49,6 +49,14 @@ class DataConfig:
     format: Literal["idx", "scans"] = "idx"
     seed: int = 42
     val_fraction: float = 0.1
+    # Seconds for one whole file, retries included: a server that trickles bytes cannot hold prepare for ever.
+    download_timeout: float = 600.0
+    # Per file, checked as it streams: the largest official file is ~21 MB even uncompressed.
+    max_download_bytes: int = 100_000_000
+
+    def __post_init__(self) -> None:
+        if self.download_timeout <= 0 or self.max_download_bytes <= 0:
+            raise ConfigError("data.download_timeout and data.max_download_bytes: must be positive")
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,15 @@ def sha256_file(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def git_blob_file(path: str | Path) -> str:
+    """`git_blob_id` of a file, read in blocks (the header needs only its size)."""
+    digest = hashlib.sha1(b"blob " + str(os.stat(path).st_size).encode() + b"\0")
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def git_blob_id(data: bytes) -> str:
     """The id git gives a file's content (`git hash-object`), used to verify against an upstream commit."""
     return hashlib.sha1(b"blob " + str(len(data)).encode() + b"\0" + data).hexdigest()

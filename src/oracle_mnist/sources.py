@@ -13,11 +13,15 @@ unverified ever reaches data/raw.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
 import http.client
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -30,7 +34,7 @@ from tqdm import tqdm
 from oracle_mnist.config import OFFICIAL_SOURCE
 from oracle_mnist.datasets import IDX_FILES
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.fsutil import git_blob_id, sha256_bytes, sha256_file
+from oracle_mnist.fsutil import git_blob_file, sha256_file
 
 IDX_NAMES = tuple(name for pair in IDX_FILES.values() for name in pair)
 SUMS_FILE = "SHA256SUMS"
@@ -70,6 +74,17 @@ class FetchedFile:
     sha256: str
     size: int
     verified_by: str  # what the bytes were checked against: "official sha256", "SHA256SUMS sha256", "none"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one file's download. `timeout` bounds each socket wait (connect, each read); `deadline` the
+    whole file, every attempt included, whatever the server does (headers then a byte now and then);
+    `max_bytes` its size, checked as it streams, so an endless or oversized body is cut, not stored."""
+
+    timeout: float = 30.0
+    deadline: float = 600.0
+    max_bytes: int = 100_000_000
 
 
 @contextlib.contextmanager
@@ -120,44 +135,32 @@ def parse_sums(text: str, where: str) -> dict[str, str]:
     return sums
 
 
-def verify(path: Path, name: str, expected: Checksum | None, where: str) -> FetchedFile:
-    """Check `path` against `expected` (from `where`); on mismatch delete it and raise naming the file."""
+def verify(
+    path: Path, name: str, expected: Checksum | None, where: str, sha256: str | None = None
+) -> FetchedFile:
+    """Check `path` against `expected` (from `where`); on mismatch delete it and raise naming the file.
+    `sha256`: the file's digest if already known (computed while it streamed in)."""
+    size = path.stat().st_size
+    digest = sha256 or sha256_file(path)
     if expected is None:
-        return FetchedFile(name, sha256_file(path), path.stat().st_size, "none")
-    data = path.read_bytes()
-    digest = sha256_bytes(data)
-    actual = git_blob_id(data) if expected.kind == "git-blob" else digest
+        return FetchedFile(name, digest, size, "none")
+    actual = git_blob_file(path) if expected.kind == "git-blob" else digest
     if actual != expected.value:
         path.unlink()
         raise OracleMnistError(
             f"{name}: checksum mismatch, {expected.kind} is {actual} but {where} says {expected.value} "
-            f"({len(data)} bytes); the file was deleted"
+            f"({size} bytes); the file was deleted"
         )
-    return FetchedFile(name, digest, len(data), f"{expected.origin} {expected.kind}")
+    return FetchedFile(name, digest, size, f"{expected.origin} {expected.kind}")
 
 
 def fetch_idx(
-    source: str, dest: Path, base_dir: Path, timeout: float = 30.0, retries: int = 3
+    source: str, dest: Path, base_dir: Path, limits: Limits | None = None, retries: int = 3
 ) -> list[FetchedFile]:
     """The four idx files from `source` into `dest`, verified."""
     if is_url(source):
         base = source if source.endswith("/") else source + "/"
-        if base == OFFICIAL_SOURCE:
-            expected, sums_name = dict(OFFICIAL_CHECKSUMS), "the pinned upstream commit"
-        else:
-            sums_text = download_text(base + SUMS_FILE, timeout, retries)
-            expected = _as_checksums(parse_sums(sums_text, base + SUMS_FILE)) if sums_text is not None else {}
-            sums_name = base + SUMS_FILE
-            if sums_text is None:
-                print(
-                    f"warning: {base} serves no {SUMS_FILE}; downloads are checked as idx only",
-                    file=sys.stderr,
-                )
-        fetched = []
-        for name in IDX_NAMES:
-            download(base + name, dest / name, timeout, retries)
-            fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
-        return fetched
+        return _download_idx(base, dest, limits or Limits(), retries)
     root = resolve_local(source, base_dir)
     expected, sums_name = _local_sums(root)
     fetched = []
@@ -168,6 +171,28 @@ def fetch_idx(
             )
         shutil.copyfile(root / name, dest / name)
         fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
+    return fetched
+
+
+def _download_idx(base: str, dest: Path, limits: Limits, retries: int) -> list[FetchedFile]:
+    if base == OFFICIAL_SOURCE:
+        expected, sums_name = dict(OFFICIAL_CHECKSUMS), "the pinned upstream commit"
+    else:
+        # A checksum list is text, small: a large one is not one.
+        sums_limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes, 1 << 20))
+        sums_text = download_text(base + SUMS_FILE, sums_limits, retries)
+        expected = _as_checksums(parse_sums(sums_text, base + SUMS_FILE)) if sums_text is not None else {}
+        sums_name = base + SUMS_FILE
+        if sums_text is None:
+            print(
+                f"warning: {base} serves no {SUMS_FILE}; downloads are checked as idx only", file=sys.stderr
+            )
+    fetched = []
+    for name in IDX_NAMES:
+        # Refuse a name missing from the list before spending a download on it.
+        checksum = _pick(expected, name, sums_name)
+        digest = download(base + name, dest / name, limits, retries)
+        fetched.append(verify(dest / name, name, checksum, sums_name, digest))
     return fetched
 
 
@@ -219,37 +244,105 @@ def _pick(expected: dict[str, Checksum], name: str, sums_name: str) -> Checksum 
     return None
 
 
-def download(url: str, dest: Path, timeout: float, retries: int, backoff: float = 0.5) -> None:
-    """Stream `url` to `dest` with a progress bar; transient failures are retried with exponential backoff."""
+class _Deadline:
+    """Shuts down every socket of one download once `seconds` have passed: a blocked connect, header or body
+    read then returns at once, whatever phase it is in."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def track(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib (redirects, proxies, TLS as usual) with every connection it makes registered with `deadline`."""
+
+    def tracked(base: type[http.client.HTTPConnection]) -> type[http.client.HTTPConnection]:
+        class Tracked(base):  # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                deadline.track(self.sock)
+
+        return Tracked
+
+    class Http(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(tracked(http.client.HTTPConnection), req)
+
+    class Https(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(tracked(http.client.HTTPSConnection), req, context=self._context)
+
+    return urllib.request.build_opener(Http, Https)
+
+
+def download(url: str, dest: Path, limits: Limits, retries: int, backoff: float = 0.5) -> str:
+    """Stream `url` to `dest` with a progress bar, within `limits`; transient failures are retried with
+    exponential backoff. Returns the sha256 of what was written, computed as it streamed."""
     last: Exception | None = None
-    for attempt in range(1, retries + 1):
-        try:
-            _stream(url, dest, timeout)
-            return
-        except urllib.error.HTTPError as exc:
-            dest.unlink(missing_ok=True)
-            if exc.code == 404:
-                raise NotFoundError(f"{url}: HTTP 404 {exc.reason}") from None
-            if exc.code < 500 and exc.code not in (408, 429):
-                raise OracleMnistError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-            last = exc
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            dest.unlink(missing_ok=True)
-            last = exc
-        if attempt < retries:
-            time.sleep(backoff * 2 ** (attempt - 1))
+    with _Deadline(limits.deadline) as deadline:
+        for attempt in range(1, retries + 1):
+            try:
+                return _stream(url, dest, limits, deadline)
+            except urllib.error.HTTPError as exc:
+                dest.unlink(missing_ok=True)
+                if exc.code == 404:
+                    raise NotFoundError(f"{url}: HTTP 404 {exc.reason}") from None
+                if exc.code < 500 and exc.code not in (408, 429):
+                    raise OracleMnistError(f"{url}: HTTP {exc.code} {exc.reason}") from None
+                last = exc
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                dest.unlink(missing_ok=True)
+                last = exc
+            except OracleMnistError:
+                dest.unlink(missing_ok=True)
+                raise
+            if deadline.expired:
+                raise OracleMnistError(
+                    f"{url}: not downloaded within data.download_timeout={limits.deadline:g} s "
+                    f"({attempt} attempt(s)); the partial file was deleted"
+                )
+            if attempt < retries:
+                time.sleep(backoff * 2 ** (attempt - 1))
     reason = getattr(last, "reason", last)
     raise OracleMnistError(
-        f"{url}: download failed after {retries} attempt(s) (timeout {timeout:g} s each): {reason}"
+        f"{url}: download failed after {retries} attempt(s) (timeout {limits.timeout:g} s each): {reason}"
     )
 
 
-def download_text(url: str, timeout: float, retries: int) -> str | None:
+def download_text(url: str, limits: Limits, retries: int) -> str | None:
     """A small text file, or None when the server says it has none (404)."""
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir) / url.rsplit("/", 1)[-1]
         try:
-            download(url, tmp, timeout, retries)
+            download(url, tmp, limits, retries)
         except NotFoundError:
             return None
         return tmp.read_text(encoding="utf-8")
@@ -259,16 +352,37 @@ def _request(url: str) -> urllib.request.Request:
     return urllib.request.Request(url, headers={"User-Agent": "oracle-mnist"})
 
 
-def _stream(url: str, dest: Path, timeout: float) -> None:
-    with urllib.request.urlopen(_request(url), timeout=timeout) as resp, open(dest, "wb") as fh:
+def _too_big(url: str, size: int, limits: Limits) -> OracleMnistError:
+    return OracleMnistError(
+        f"{url}: {size} bytes or more, over data.max_download_bytes={limits.max_bytes}; the download was stopped"
+    )
+
+
+def _stream(url: str, dest: Path, limits: Limits, deadline: _Deadline) -> str:
+    digest = hashlib.sha256()
+    opener = _opener(deadline)
+    # The connect happens before the socket can be registered: its own timeout must respect the deadline.
+    with (
+        opener.open(_request(url), timeout=min(limits.timeout, limits.deadline)) as resp,
+        open(dest, "wb") as fh,
+    ):
         total = resp.length
+        if total is not None and total > limits.max_bytes:
+            raise _too_big(url, total, limits)
         written = 0
         with tqdm(
             total=total, unit="B", unit_scale=True, desc=dest.name, file=sys.stderr, leave=False
         ) as bar:
-            while chunk := resp.read(1 << 16):
-                fh.write(chunk)
+            # read1: whatever has arrived (up to 64 KiB), so a trickle still reaches the checks below.
+            while chunk := resp.read1(1 << 16):
                 written += len(chunk)
+                if written > limits.max_bytes:
+                    raise _too_big(url, written, limits)
+                fh.write(chunk)
+                digest.update(chunk)
                 bar.update(len(chunk))
+    if deadline.expired:  # the shut-down socket read as end of file
+        raise TimeoutError(f"cut at the deadline after {written} bytes")
     if total is not None and written != total:
         raise http.client.IncompleteRead(b"", total - written)
+    return digest.hexdigest()
