@@ -201,6 +201,7 @@ def server(model_file: Path) -> str:
         yield url
 
 
+@pytest.mark.slow
 def test_real_server_classifies_and_refuses_every_bad_input(server: str, model_file: Path, glyphs):
     assert urlparse(server).hostname == "127.0.0.1"
     with httpx.Client(base_url=server, timeout=30) as http:
@@ -239,6 +240,7 @@ def content_length(response: bytes) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_real_server_refuses_oversized_and_unsized_bodies_before_reading(server: str):
     huge = raw_request(
         server,
@@ -255,6 +257,7 @@ def test_real_server_refuses_oversized_and_unsized_bodies_before_reading(server:
     assert chunked.startswith(b"HTTP/1.1 411")
 
 
+@pytest.mark.slow
 def test_real_server_gives_no_5xx_to_8_concurrent_clients(server: str, glyphs):
     requests = [([("files", ("g.png", glyphs[i % len(glyphs)], "image/png"))], 200) for i in range(24)]
     requests += [(files, status) for files, status, _ in bad_requests(glyphs).values()] * 3
@@ -269,6 +272,7 @@ def test_real_server_gives_no_5xx_to_8_concurrent_clients(server: str, glyphs):
     assert [got for got, want in results if got != want] == []
 
 
+@pytest.mark.slow
 def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: Path, glyphs):
     with (
         serve_in_subprocess(server_env(onnx_model_file, "onnx")) as url,
@@ -282,6 +286,7 @@ def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: 
     assert [p["index"] for p in resp.json()["predictions"]] == [p.index for p in expected]
 
 
+@pytest.mark.slow
 def test_uvicorn_refuses_to_start_without_the_model(tmp_path: Path):
     missing = tmp_path / "absent.pt"
     env = {**os.environ, "ORACLE_MNIST_MODEL": str(missing)}

@@ -146,6 +146,7 @@ def test_usage_errors_exit_2(capsys):
     assert "invalid choice: 'tf'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_installed_console_script(model_file: Path, image_files: list[Path]):
     script = Path(sys.executable).with_name("oracle-mnist")
     cmd = [str(script)] if script.is_file() else ["oracle-mnist"]

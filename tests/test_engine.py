@@ -243,6 +243,7 @@ THREADS_SCRIPT = textwrap.dedent(
 @pytest.mark.skipif(
     not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to pin"
 )
+@pytest.mark.slow
 def test_fixed_thread_count_gives_the_same_weights_on_one_core_and_on_two(tmp_path):
     script = tmp_path / "threads_fit.py"
     script.write_text(THREADS_SCRIPT)
@@ -287,6 +288,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)

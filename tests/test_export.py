@@ -78,6 +78,7 @@ def test_parity_check_fails_on_a_difference_over_the_tolerance(model_file: Path,
         check_parity(reference, stale, images)
 
 
+@pytest.mark.slow
 def test_export_stage_writes_the_onnx_model_and_its_parity(
     tmp_path: Path, model_file: Path, sample_test_images
 ):
@@ -106,6 +107,7 @@ def test_export_stage_writes_the_onnx_model_and_its_parity(
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.onnx", "model.pt"]
 
 
+@pytest.mark.slow
 def test_export_stage_fails_cleanly_without_a_model(tmp_path: Path):
     proc = subprocess.run(
         [sys.executable, str(REPO / "stages/export.py")],

@@ -36,6 +36,9 @@ from PIL import Image
 from oracle_mnist.datasets import IDX_FILES, load_features, read_idx_split, write_idx
 from oracle_mnist.fsutil import sha256_file
 
+# Every test here runs a stage script or dvc in a subprocess: the full suite's, not the edit loop's.
+pytestmark = pytest.mark.slow
+
 PER_CLASS_SCANS = {"train": 20, "test": 8}
 
 

@@ -15,6 +15,9 @@ from PIL import Image
 
 from oracle_mnist.config import load_params
 
+# dvc repro export, then the CLI and uvicorn in subprocesses: the full suite's, not the edit loop's.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path, sample_test_images) -> Path:

@@ -24,6 +24,9 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
 from oracle_mnist.models import load_model
 
+# dvc repro, kill -9 and torchrun runs: the full suite's, not the edit loop's.
+pytestmark = pytest.mark.slow
+
 OUTPUTS = ("models/model.pt", "dvclive/metrics.json", "dvclive/plots/metrics/train/loss.tsv",
            "dvclive/plots/metrics/val/acc.tsv", "dvclive/plots/metrics/val/loss.tsv",
            "dvclive/plots/metrics/lr.tsv")  # fmt: skip

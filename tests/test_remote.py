@@ -23,6 +23,9 @@ from helpers import REPO, dvc, free_port, git, make_repo_copy, serve_command, wr
 from oracle_mnist.fsutil import sha256_file
 from oracle_mnist.report import write_report
 
+# The GCS emulator, dvc repro/push/pull: the full suite's, not the edit loop's.
+pytestmark = pytest.mark.slow
+
 REMOTE = "gcs"
 # fsspec hands FSSPEC_GS_<KWARG> to gcsfs: a per-request timeout, the one bound dvc-gs has on a silent remote.
 REQUEST_TIMEOUT_ENV = "FSSPEC_GS_REQUESTS_TIMEOUT"

@@ -88,6 +88,7 @@ def assert_png(path: Path) -> None:
         img.verify()
 
 
+@pytest.mark.slow
 def test_report_shows_both_revisions(two_commits: tuple[Path, str, str], tmp_path: Path) -> None:
     repo, base, head = two_commits
     out = tmp_path / "report"
@@ -117,6 +118,7 @@ def test_report_shows_both_revisions(two_commits: tuple[Path, str, str], tmp_pat
     assert shades == {int(255 * 0.5), int(255 * 0.9)}
 
 
+@pytest.mark.slow
 def test_report_against_workspace_and_hosted_images(two_commits: tuple[Path, str, str], tmp_path: Path):
     repo, base, _ = two_commits
     prefix = "https://example.test/pr-7/"
@@ -129,6 +131,7 @@ def test_report_against_workspace_and_hosted_images(two_commits: tuple[Path, str
         assert_png(tmp_path / "r" / "images" / link.removeprefix(prefix))
 
 
+@pytest.mark.slow
 def test_unknown_revision_fails_clearly_and_writes_nothing(
     two_commits: tuple[Path, str, str], tmp_path: Path
 ):
