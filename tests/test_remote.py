@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -237,19 +236,19 @@ def test_silent_remote_fails_clearly_in_bounded_time(origin: Path, tmp_path: Pat
         silent.bind(("127.0.0.1", 0))
         silent.listen(128)
         clone = fresh_clone(origin, tmp_path / "clone", f"http://127.0.0.1:{silent.getsockname()[1]}")
-        start = time.monotonic()
-        proc = subprocess.run(
-            [sys.executable, "-m", "dvc", "pull"],
-            cwd=clone,
-            env={**os.environ, REQUEST_TIMEOUT_ENV: str(timeout_s)},
-            capture_output=True,
-            text=True,
-            timeout=bound_s + 60,
-        )
-        elapsed = time.monotonic() - start
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "dvc", "pull"],
+                cwd=clone,
+                env={**os.environ, REQUEST_TIMEOUT_ENV: str(timeout_s)},
+                capture_output=True,
+                text=True,
+                timeout=bound_s,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dvc pull still running after {bound_s} s against a silent remote")
 
     assert proc.returncode != 0
-    assert elapsed < bound_s, f"dvc pull took {elapsed:.0f} s against a silent remote (bound {bound_s} s)"
     bucket, prefix = committed_remote_url()
     assert f"failed to connect to gs ({bucket}/{prefix}/" in proc.stderr, proc.stderr
     assert "failed to pull data from the cloud" in proc.stderr, proc.stderr

@@ -89,15 +89,28 @@ def test_server_without_sums_downloads_unverified(served, tmp_path: Path, capsys
     assert "serves no SHA256SUMS" in capsys.readouterr().err
 
 
-def test_missing_file_fails_at_once_with_404(served, tmp_path: Path):
-    url, root = served
+class RecordingHandler(QuietHandler):
+    """Serves files and records the path of every GET."""
+
+    paths: ClassVar[list[str]] = []
+
+    def do_GET(self):
+        self.paths.append(self.path)
+        super().do_GET()
+
+
+def test_missing_file_fails_at_once_with_404(tmp_path: Path, sample_dir: Path):
+    root = copy_sample(sample_dir, tmp_path / "www")
     (root / "t10k-images-idx3-ubyte.gz").unlink()
     dest = tmp_path / "raw"
     dest.mkdir()
-    start = time.monotonic()
-    with pytest.raises(OracleMnistError, match=r"t10k-images-idx3-ubyte.gz: HTTP 404"):
+    RecordingHandler.paths.clear()
+    with (
+        serve_directory(root, RecordingHandler) as url,
+        pytest.raises(OracleMnistError, match=r"t10k-images-idx3-ubyte.gz: HTTP 404"),
+    ):
         fetch_idx(url, dest, tmp_path, Limits(timeout=5), retries=3)
-    assert time.monotonic() - start < 3  # a 404 is not retried
+    assert RecordingHandler.paths.count("/t10k-images-idx3-ubyte.gz") == 1  # a 404 is not retried
 
 
 def test_transient_server_errors_are_retried(tmp_path: Path, sample_dir: Path):
