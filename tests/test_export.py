@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from helpers import REPO
+from helpers import REPO, run
 
 from oracle_mnist.datasets import save_features
 from oracle_mnist.errors import OracleMnistError
@@ -86,13 +85,7 @@ def test_export_stage_writes_the_onnx_model_and_its_parity(
     (tmp_path / "models").mkdir()
     (tmp_path / "models/model.pt").write_bytes(model_file.read_bytes())
     save_features(tmp_path / "data/features/test.npz", images, labels)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "stages/export.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run([sys.executable, str(REPO / "stages/export.py")], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "metrics/export.json").read_text())
     assert report["images"] == 400
@@ -109,13 +102,7 @@ def test_export_stage_writes_the_onnx_model_and_its_parity(
 
 @pytest.mark.slow
 def test_export_stage_fails_cleanly_without_a_model(tmp_path: Path):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "stages/export.py")],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run([sys.executable, str(REPO / "stages/export.py")], cwd=tmp_path, check=False, timeout=300)
     assert proc.returncode == 1
     assert (
         proc.stderr.strip()
