@@ -7,19 +7,21 @@
 #   docker run --rm -p 8000:8000 -v "$PWD/models:/models:ro" \
 #     -e ORACLE_MNIST_BACKEND=onnx -e ORACLE_MNIST_MODEL=/models/model.onnx oracle-mnist-api
 # To ship a self-contained image instead, derive one: `FROM oracle-mnist-api` + `COPY model.pt /models/`.
-# The pins below are the versions the test suite ran with (tests/test_dockerfiles.py checks they match).
+# Versions and hashes come from the one lock file (requirements.txt): only the part serving needs
+# (dockerfiles/lock_subset.py follows the lock's own dependency annotations). torch is the lock's PyPI build,
+# which runs on CPU hosts and on NVIDIA GPUs alike.
 
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# CPU wheels from PyTorch's own index: the default PyPI wheels pull in gigabytes of CUDA libraries.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
-        torch==2.14.1 torchvision==0.29.1 \
-    && pip install --no-cache-dir \
-        timm==1.0.31 numpy==2.4.6 pillow==12.3.0 pyyaml==6.0.3 tqdm==4.70.1 \
-        fastapi==0.165.0 uvicorn==0.54.0 httptools==0.9.0 uvloop==0.23.0 \
-        python-multipart==0.0.34 onnxruntime==1.32.0
+COPY requirements.txt dockerfiles/lock_subset.py /tmp/lock/
+RUN python /tmp/lock/lock_subset.py /tmp/lock/requirements.txt \
+        torch torchvision timm numpy pillow pyyaml pydantic tqdm \
+        fastapi fastapi-offline uvicorn httptools uvloop python-multipart onnxruntime \
+        > /tmp/lock/serving.txt \
+    && pip install --no-cache-dir --require-hashes --no-deps -r /tmp/lock/serving.txt \
+    && rm -r /tmp/lock
 COPY pyproject.toml README.md /build/
 COPY src /build/src
 RUN pip install --no-cache-dir --no-deps /build

@@ -7,7 +7,8 @@
 # Run as your own user so the outputs belong to you:
 #   docker run --rm --user "$(id -u):$(id -g)" -v "$PWD:/repo" oracle-mnist-train dvc repro
 # With data.source at a local folder outside the checkout, mount that too (read-only) at the same path.
-# The pins are requirements.txt's; torch comes from PyTorch's CPU index (the default wheels carry CUDA).
+# Everything comes from the one lock file (requirements.txt), hashes checked; its torch is PyPI's build, so
+# the same image trains on CPU hosts and, with the NVIDIA container toolkit, on GPUs (`docker run --gpus all`).
 
 FROM python:3.11.14-slim-bookworm
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -18,12 +19,9 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git \
     && rm -rf /var/lib/apt/lists/*
 COPY requirements.txt /tmp/requirements.txt
-# `-e .` is dropped: the code is imported from the mounted checkout (PYTHONPATH), not from the image.
-RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu \
-        torch==2.14.1 torchvision==0.29.1 \
-    && grep -v '^-e ' /tmp/requirements.txt > /tmp/requirements-env.txt \
-    && pip install --no-cache-dir -r /tmp/requirements-env.txt \
-    && rm /tmp/requirements.txt /tmp/requirements-env.txt
+# The package itself is not installed: the code is imported from the mounted checkout (PYTHONPATH).
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin trainer \
     && git config --system --add safe.directory /repo
 ENV PYTHONPATH=/repo/src \
