@@ -31,7 +31,11 @@ def main() -> None:
         else:
             items = load_manifest(PREPARED / f"{split}.json", params.num_classes)
             images = convert_scans(
-                [RAW / name for name, _ in items], feat.image_size, feat.min_side, feat.max_pixels, desc=split
+                [RAW / name for name, _ in items],
+                feat.image_size,
+                params.data.min_side,
+                params.data.max_pixels,
+                desc=split,
             )
             features[split] = (images, np.array([label for _, label in items], dtype=np.int64))
     with atomic_dir(FEATURES) as out, atomic_path(SAMPLES_PLOT) as plot:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,20 +13,23 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, write_json
-from oracle_mnist.sources import FetchedFile, Limits, blame_source, fetch_idx, fetch_scans
+from oracle_mnist.sources import FetchedFile, Limits, blame_source, fetch_idx, fetch_scans, is_url
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 METRICS = Path("metrics/prepare.json")
+# dvc.yaml makes prepare depend on this folder: DVC sees changes to a local source only inside it.
+TRACKED_SOURCES = Path("data/sources")
 
 
 @stage_main
 def main() -> None:
     params = load_params(PARAMS)
-    data, feat = params.data, params.featurize
+    data = params.data
     # A relative local source is relative to params.yaml, whatever directory the stage runs from.
     base_dir = PARAMS.resolve().parent
+    warn_if_untracked(data.source, base_dir)
     with (
         atomic_dir(RAW) as raw,
         atomic_dir(PREPARED) as prepared,
@@ -44,7 +48,7 @@ def main() -> None:
         else:
             fetched = fetch_scans(data.source, raw, base_dir)
             manifests = split_scans(
-                raw, params.classes, data.val_fraction, data.seed, feat.min_side, feat.max_pixels
+                raw, params.classes, data.val_fraction, data.seed, data.min_side, data.max_pixels
             )
             labels = {split: [label for _, label in manifests[split]] for split in SPLITS}
             for split in SPLITS:
@@ -59,6 +63,16 @@ def main() -> None:
                 "inputs": inputs,
             },
         )
+
+
+def warn_if_untracked(source: str, base_dir: Path) -> None:
+    if is_url(source) or (base_dir / source).resolve().is_relative_to((base_dir / TRACKED_SOURCES).resolve()):
+        return
+    print(
+        f"warning: data.source: {source} lies outside {TRACKED_SOURCES}/, so DVC cannot see changes to it and "
+        f"`dvc repro` will not rerun prepare when its files change; move or copy it under {TRACKED_SOURCES}/",
+        file=sys.stderr,
+    )
 
 
 def counts(labels: Sequence[int] | np.ndarray, classes: tuple[str, ...]) -> dict[str, int]:

@@ -264,7 +264,7 @@ def test_open_scan_refuses_bad_files(tmp_path: Path):
     with pytest.raises(OracleMnistError, match=r"cut.png: truncated or corrupt image"):
         open_scan(tmp_path / "cut.png", 16, 40_000_000)
     Image.new("L", (40, 10)).save(tmp_path / "thin.png")
-    with pytest.raises(OracleMnistError, match=r"thin.png: 40x10 is smaller than featurize.min_side=16"):
+    with pytest.raises(OracleMnistError, match=r"thin.png: 40x10 is smaller than data.min_side=16"):
         open_scan(tmp_path / "thin.png", 16, 40_000_000)
 
 
@@ -273,7 +273,7 @@ def test_open_scan_refuses_decompression_bombs_before_decoding(tmp_path: Path):
     assert bomb.stat().st_size < 100_000
     with pytest.raises(
         OracleMnistError,
-        match=r"bomb.png: 10000x10000 = 100000000 pixels is over featurize.max_pixels=40000000",
+        match=r"bomb.png: 10000x10000 = 100000000 pixels is over data.max_pixels=40000000",
     ):
         open_scan(bomb, 16, 40_000_000)
     # Beyond twice Pillow's own limit, Pillow refuses at open; the message still names the file.

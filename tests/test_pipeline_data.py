@@ -366,7 +366,7 @@ SCANS_CASES = {
     ),
     "decompression-bomb": (
         lambda r: png_bomb(r / "train" / "0" / "bomb.png", 10_000, 10_000),
-        r"train/0/bomb.png: 10000x10000 = 100000000 pixels is over featurize.max_pixels=40000000",
+        r"train/0/bomb.png: 10000x10000 = 100000000 pixels is over data.max_pixels=40000000",
     ),
 }
 

@@ -49,6 +49,11 @@ class DataConfig:
     format: Literal["idx", "scans"] = "idx"
     seed: int = 42
     val_fraction: float = 0.1
+    # Scans only: the smallest accepted width/height, and the most pixels (read from the header before any
+    # pixel is decompressed: decompression bombs are refused). These decide which raw files are accepted, so
+    # they are data settings: changing featurize.image_size does not rerun prepare.
+    min_side: int = 16
+    max_pixels: int = 40_000_000
     # Seconds for one whole file, retries included: a server that trickles bytes cannot hold prepare for ever.
     download_timeout: float = 600.0
     # Per file, checked as it streams: the largest official file is ~21 MB even uncompressed.
@@ -61,9 +66,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class FeaturizeConfig:
-    image_size: int = 28
-    min_side: int = 16
-    max_pixels: int = 40_000_000
+    image_size: int = 64  # the side of the square the conversion writes; idx images (28 px) are upscaled
 
 
 @dataclass(frozen=True)

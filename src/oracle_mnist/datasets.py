@@ -203,10 +203,10 @@ def scan_items(root: Path, split: str, classes: Sequence[str]) -> list[tuple[str
 def open_scan(path: Path, min_side: int, max_pixels: int) -> Image.Image:
     """Open and fully decode one scan through `images.open_image` (empty files, non-images, truncated files
     and decompression bombs refused, the last before any pixel is decompressed), then refuse tiny images."""
-    img = open_image(path.read_bytes(), str(path), max_pixels, limit_name="featurize.max_pixels")
+    img = open_image(path.read_bytes(), str(path), max_pixels, limit_name="data.max_pixels")
     w, h = img.size
     if min(w, h) < min_side:
-        raise OracleMnistError(f"{path}: {w}x{h} is smaller than featurize.min_side={min_side} pixels")
+        raise OracleMnistError(f"{path}: {w}x{h} is smaller than data.min_side={min_side} pixels")
     return img
 
 
