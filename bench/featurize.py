@@ -52,7 +52,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--sample", type=Path, default=Path(__file__).resolve().parents[1] / "data/sources/oracle-mnist-sample"
+        "--sample",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "data/sources/oracle-mnist-sample",
     )
     parser.add_argument("--scans", type=int, default=1000, help="number of scans to build and convert")
     args = parser.parse_args()
