@@ -62,7 +62,7 @@
   function showError(card, headline, detail) {
     card.dataset.state = "error";
     const outcome = card.querySelector(".outcome");
-    outcome.replaceChildren(el("p", { className: "error" }, headline), detail ? el("p", { className: "detail" }, detail) : null);
+    outcome.replaceChildren(el("p", { className: "error" }, headline), ...(detail ? [el("p", { className: "detail" }, detail)] : []));
   }
 
   // A 4xx body is {"detail": "<file>: <problem>"}; people get a sentence, with the server's words as detail.
@@ -96,7 +96,8 @@
     );
     const best = el("p", { className: "top" }, "Most likely: ", ...className(pred.index), ` (${percent(pred.probability)})`);
     const unsure = pred.unsure ? el("p", { className: "unsure" }, "Unsure: the model's confidence is below its minimum, so treat this answer with care.") : null;
-    card.querySelector(".outcome").replaceChildren(best, unsure, el("ol", { className: "topk", "aria-label": "Most likely classes" }, ...rows));
+    const topk = el("ol", { className: "topk", "aria-label": "Most likely classes" }, ...rows);
+    card.querySelector(".outcome").replaceChildren(...[best, unsure, topk].filter(Boolean));
   }
 
   async function classify(file, card) {
