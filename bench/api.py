@@ -9,13 +9,22 @@ images one after another (the latency a lone user sees); (3) N concurrent client
 uploads (1-4 images) with malformed ones (non-image, truncated, empty, too many files, too large a file).
 Prints requests/s, p50/p99 latency and responses by status code. Goals: no 5xx; p50 of a single-image request
 within 2x of the bare forward pass. Server and clients share this machine's cores.
+
+    python bench/api.py --hostile            # hostile load on the torch backend, the server's default limits
+
+`--hostile`: 32 clients each sending the largest upload the default limits allow (16 white 4000x4000 RGBA PNGs of
+about 70 KB, 16 Mpx each, cheap to send and costly to convert), next to 2 clients sending single real glyphs.
+Prints the server's peak RSS (VmHWM), p50/p99 of the normal requests and the count of 5xx. Targets on 2 cores:
+peak RSS < 1.5 GB, no 5xx, normal p99 < 2 s.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,9 +35,12 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from oracle_mnist.api import serve_in_subprocess
 from oracle_mnist.datasets import load_features
 from oracle_mnist.inference import Predictor, open_image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+# tests/helpers.py holds the server runner shared by tests and benches.
+from helpers import serve_in_subprocess
 
 # Server limits for the run: small enough that the malformed "too large" upload stays cheap to send.
 LIMITS = {"ORACLE_MNIST_MAX_FILES": "8", "ORACLE_MNIST_MAX_FILE_BYTES": "131072"}
@@ -132,6 +144,100 @@ def single_requests(url: str, glyphs: list[bytes], seconds: float) -> list[float
         return time_calls(one, seconds)
 
 
+def server_pid() -> int:
+    """The uvicorn child of this process (serve_in_subprocess runs exactly one)."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            return int(stat.parent.name)
+    raise RuntimeError("no server child process found")
+
+
+def memory_mb(pid: int, field: str) -> float:
+    """VmRSS (now) or VmHWM (peak so far) of `pid` in MB, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/{pid}/status")
+
+
+def hostile_files(count: int) -> list:
+    buf = io.BytesIO()
+    Image.new("RGBA", (4000, 4000), (255, 255, 255, 255)).save(buf, "PNG")
+    return [("files", (f"white{i}.png", buf.getvalue(), "image/png")) for i in range(count)]
+
+
+def hostile_load(url: str, glyphs: list[bytes], args: argparse.Namespace) -> dict:
+    """Hostile clients in a loop next to normal ones; latencies and statuses per kind."""
+    heavy = hostile_files(args.hostile_files)
+    latencies: dict[str, list[float]] = {"hostile": [], "normal": []}
+    statuses: dict[str, Counter] = {"hostile": Counter(), "normal": Counter()}
+    lock = threading.Lock()
+    deadline = time.perf_counter() + args.seconds
+
+    def client(kind: str, offset: int) -> None:
+        with httpx.Client(base_url=url, timeout=900) as http:
+            i = offset
+            while time.perf_counter() < deadline:
+                files = (
+                    heavy
+                    if kind == "hostile"
+                    else [("files", ("g.png", glyphs[i % len(glyphs)], "image/png"))]
+                )
+                start = time.perf_counter()
+                try:
+                    status = http.post("/predict", files=files).status_code
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                with lock:
+                    latencies[kind].append(time.perf_counter() - start)
+                    statuses[kind][status] += 1
+                i += 1
+
+    threads = [threading.Thread(target=client, args=("hostile", k)) for k in range(args.clients)]
+    threads += [threading.Thread(target=client, args=("normal", k)) for k in range(args.normal_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=args.seconds + 900)
+    return {"latencies": latencies, "statuses": statuses}
+
+
+def bench_hostile(model: Path, images: np.ndarray, args: argparse.Namespace) -> None:
+    glyphs = [png(g) for g in images[:32]]
+    env = {"ORACLE_MNIST_MODEL": str(model), "ORACLE_MNIST_THREADS": str(args.threads)}
+    with serve_in_subprocess(env) as url:
+        pid = server_pid()
+        idle = memory_mb(pid, "VmRSS")
+        result = hostile_load(url, glyphs, args)
+        peak, after = memory_mb(pid, "VmHWM"), memory_mb(pid, "VmRSS")
+    normal = result["latencies"]["normal"]
+    five_xx = sum(
+        n
+        for counter in result["statuses"].values()
+        for s, n in counter.items()
+        if not isinstance(s, int) or s >= 500
+    )
+    print(
+        f"\n== hostile load: {args.clients} clients x {args.hostile_files} white 4000x4000 RGBA PNGs, "
+        f"{args.normal_clients} normal clients, {args.seconds:.0f} s"
+    )
+    print(f"server RSS: idle {idle:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB (target peak < 1500 MB)")
+    print(
+        f"normal requests: {len(normal)}, p50 {ms(percentile(normal, 50))} ms, "
+        f"p99 {ms(percentile(normal, 99))} ms (target p99 < 2000 ms)"
+    )
+    for kind, counter in result["statuses"].items():
+        print(
+            f"  {kind} responses by status: "
+            + ", ".join(f"{s}: {n}" for s, n in sorted(counter.items(), key=lambda kv: str(kv[0])))
+        )
+    print(f"5xx/errors: {five_xx} (target 0)")
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
@@ -182,7 +288,10 @@ def main() -> None:
         "--images", type=Path, default=Path("data/features/test.npz"), help="real test images"
     )
     parser.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=None, help="concurrent clients (8; 32 hostile ones)")
+    parser.add_argument("--hostile", action="store_true", help="the hostile-load run instead (torch only)")
+    parser.add_argument("--hostile-files", type=int, default=16, help="16 Mpx images per hostile request")
+    parser.add_argument("--normal-clients", type=int, default=2, help="normal clients next to hostile ones")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the concurrent phase")
     parser.add_argument("--single-seconds", type=float, default=3.0, help="length of each single-image phase")
     parser.add_argument(
@@ -190,6 +299,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     images, _ = load_features(args.images)
+    if args.hostile:
+        args.clients = 32 if args.clients is None else args.clients
+        bench_hostile(args.model, images, args)
+        return
+    args.clients = 8 if args.clients is None else args.clients
     for backend in args.backends:
         bench_backend(backend, args.model if backend == "torch" else args.onnx, images, args)
 

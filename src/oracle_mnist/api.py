@@ -11,6 +11,7 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_MAX_PIXELS       | 16000000 pixels per image, checked before decode |
 | ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
 | ORACLE_MNIST_THREADS          | 1 core per forward pass, as many passes as cores |
+| ORACLE_MNIST_BODY_TIMEOUT     | 60 s for a request body to arrive, else 408      |
 
 `GET /` is a page for people (static files shipped in the package, no CDN); `/docs` and `/redoc` serve their
 assets from the installed fastapi-offline package, so everything works without network access.
@@ -22,15 +23,16 @@ unreadable model stops start-up with a message naming the file. Every bad reques
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal, get_type_hints
 
 import fastapi_offline
 import numpy as np
@@ -40,9 +42,9 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.inference import (
@@ -50,10 +52,12 @@ from oracle_mnist.inference import (
     DEFAULT_MODEL_PATHS,
     SERVED_FORMATS,
     ImageTooLargeError,
+    ModelMeta,
+    ModelOutputError,
     Prediction,
     Predictor,
     characters_of,
-    open_image,
+    return_freed_memory,
 )
 
 logger = logging.getLogger("uvicorn.error")
@@ -79,6 +83,9 @@ class Settings:
     # Small batches gain little from intra-op threads, and on a busy machine their synchronisation costs
     # several times the pass itself; concurrent requests use the cores instead.
     threads: int = 1
+    # Seconds from the request head to the last byte of its body (80 MiB at the default limits needs about
+    # 11 Mbit/s): a client that declares a body and then sends it slowly or never cannot hold a connection.
+    body_timeout: int = 60
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -87,7 +94,7 @@ class Settings:
         if backend not in BACKENDS:
             raise OracleMnistError(f"{ENV}BACKEND: {backend!r} is not one of {list(BACKENDS)}")
         limits = {}
-        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k", "threads"):
+        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k", "threads", "body_timeout"):
             var = f"{ENV}{name.upper()}"
             if var not in env:
                 continue
@@ -131,22 +138,26 @@ class Health(BaseModel):
     backend: str
 
 
-class ModelInfo(BaseModel):
-    model_name: str
-    class_names: list[str]
+class ServingInfo(BaseModel):
+    """What /model adds to the model's own metadata."""
+
     characters: list[str | None] = Field(
         description="the oracle-bone character of each class, in label order (null for a class name that is "
         "not one of the dataset's)"
     )
-    image_size: int
-    mean: float
-    std: float
-    data_hash: str
-    params_hash: str
-    metrics: dict[str, Any]
-    epoch: int
     backend: str
     limits: dict[str, int]
+
+
+# /model's body: every ModelMeta field, derived from the dataclass so the two cannot drift apart, and the above.
+ModelInfo = create_model(
+    "ModelInfo",
+    __base__=ServingInfo,
+    **{
+        f.name: (hint, ...)
+        for f, hint in zip(fields(ModelMeta), get_type_hints(ModelMeta).values(), strict=True)
+    },
+)
 
 
 class ErrorResponse(BaseModel):
@@ -190,17 +201,63 @@ class BodyLimit:
             if response is not None:
                 await response(scope, receive, send)
                 return
+            await BodyDeadline(self.app, settings.body_timeout)(scope, receive, send)
+            return
         await self.app(scope, receive, send)
 
 
+class BodyDeadline:
+    """Answers 408 and closes the connection when a request's body has not fully arrived `seconds` after its
+    head; uvicorn's own timeouts cover idle keep-alive connections, not a body that never comes."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        body_done = timed_out = response_started = False
+
+        async def timed_receive() -> Message:
+            nonlocal body_done, timed_out
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                timed_out = True
+                raise BodyTimeoutError from None
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if timed_out:  # whatever the app made of the missing body, the answer is the 408 below
+                return
+            response_started = True
+            await send(message)
+
+        with contextlib.suppress(BodyTimeoutError):
+            await self.app(scope, timed_receive, guarded_send)
+        if timed_out and not response_started:
+            response = _error(408, f"request body did not arrive within {self.seconds} s")
+            response.headers["connection"] = "close"
+            await response(scope, receive, send)
+
+
+class BodyTimeoutError(Exception):
+    """The body of a request did not arrive in time (BodyDeadline)."""
+
+
 def _classify(
-    predictor: Predictor, uploads: list[tuple[str, bytes]], settings: Settings, top_k: int
+    predictor: Predictor, uploads: list[tuple[str, BinaryIO]], settings: Settings, top_k: int
 ) -> tuple[list[Prediction], np.ndarray]:
     """Predictions and the uint8 (N, S, S) features they were made from."""
     features = []
     for name, data in uploads:
-        img = open_image(data, name, settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
-        features.append(predictor.features_of(img, name))
+        limits = (settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
+        features.append(predictor.features_from(data, name, *limits))
     stacked = np.stack(features)
     return predictor.predict_features(stacked, top_k), stacked
 
@@ -227,6 +284,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             resolved = settings or Settings.from_env()
+            return_freed_memory()
             predictor = Predictor.from_file(resolved.model_path, resolved.backend, resolved.threads)
             predictor.check_top_k(resolved.top_k)
         except OracleMnistError as exc:
@@ -273,10 +331,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def model_info(request: Request) -> ModelInfo:
         predictor: Predictor = request.app.state.predictor
         current: Settings = request.app.state.settings
-        meta = asdict(predictor.meta)
         limits = {k: v for k, v in asdict(current).items() if k.startswith("max_")}
         return ModelInfo(
-            **{**meta, "class_names": list(meta["class_names"])},
+            **asdict(predictor.meta),
             characters=characters_of(predictor.class_names),
             backend=predictor.backend,
             limits=limits,
@@ -299,17 +356,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 413, f"files: {len(files)} files sent; the limit is {current.max_files} per request"
             )
         k = top_k if top_k is not None else current.top_k
-        if k > len(predictor.class_names):
-            raise ApiError(422, f"top_k: must be between 1 and {len(predictor.class_names)}, got {k}")
+        try:
+            predictor.check_top_k(k)
+        except OracleMnistError as exc:
+            raise ApiError(422, str(exc)) from None
         uploads = []
         for i, upload in enumerate(files):
             name = upload.filename or f"files[{i}]"
-            # One byte past the limit is enough to know the file is too large.
-            uploads.append((name, await upload.read(current.max_file_bytes + 1)))
+            # The spooled file itself (in memory up to 1 MB, then on disk): read in the decode lanes, one
+            # image at a time, never all of a request's files at once.
+            uploads.append((name, upload.file))
         try:
             predictions, features = await run_in_threadpool(_classify, predictor, uploads, current, k)
         except ImageTooLargeError as exc:
             raise ApiError(413, str(exc)) from None
+        except ModelOutputError as exc:
+            raise ApiError(500, str(exc)) from None
         except OracleMnistError as exc:
             raise ApiError(422, str(exc)) from None
         return PredictResponse(

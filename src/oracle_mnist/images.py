@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 
 from oracle_mnist.errors import OracleMnistError
 
@@ -31,7 +31,7 @@ class ImageTooLargeError(BadImageError):
 
 
 def open_image(
-    data: bytes,
+    data: bytes | BinaryIO,
     name: str,
     max_pixels: int,
     max_bytes: int | None = None,
@@ -40,19 +40,36 @@ def open_image(
 ) -> Image.Image:
     """Decode untrusted `data` fully into a PIL image, or raise BadImageError naming `name` and the problem.
 
-    The one decoder for scans (featurize) and uploads (CLI, API). The pixel count is checked from the header
-    before decoding, so a decompression bomb costs nothing; `limit_name` names the setting in the message.
-    `formats` limits which Pillow decoders may be tried (None: all).
+    The one decoder for scans (featurize) and uploads (CLI, API): `probe_image` then `load_image`.
     """
-    if not data:
+    return load_image(probe_image(data, name, max_pixels, max_bytes, formats, limit_name), name)
+
+
+def probe_image(
+    data: bytes | BinaryIO,
+    name: str,
+    max_pixels: int,
+    max_bytes: int | None = None,
+    formats: Sequence[str] | None = None,
+    limit_name: str | None = None,
+) -> Image.Image:
+    """Read only the header of untrusted `data` (bytes, or a seekable binary file read from its start): a
+    lazy image whose size is within `max_pixels`, or a BadImageError naming `name` and the problem.
+
+    The pixel count is checked before decoding, so a decompression bomb costs nothing, and a caller can
+    budget the decoding by the size; `limit_name` names the setting in the message. `formats` limits which
+    Pillow decoders may be tried (None: all).
+    """
+    size = _byte_size(data)
+    if size == 0:
         raise BadImageError(f"{name}: empty file (0 bytes)")
-    if max_bytes is not None and len(data) > max_bytes:
+    if max_bytes is not None and size > max_bytes:
         raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its own limit and twice it; `max_pixels` below is the one that counts.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=formats)
+            img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data, formats=formats)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({exc})") from None
     # Pillow's plugins raise many exception types on hostile bytes (struct.error, IndexError, ...): any of them
@@ -69,16 +86,30 @@ def open_image(
         )
     if width < 1 or height < 1:
         raise BadImageError(f"{name}: image has no pixels ({width}x{height})")
+    return img
+
+
+def load_image(img: Image.Image, name: str) -> Image.Image:
+    """Decode the pixels of a `probe_image` result; a broken file is a BadImageError naming `name`."""
     try:
         img.load()
-    except Exception as exc:  # as above: whatever a decoder raises, the file is broken
+    except Exception as exc:  # as in probe_image: whatever a decoder raises, the file is broken
         raise BadImageError(f"{name}: truncated or corrupt image: {exc}") from None
     return img
 
 
+def _byte_size(data: bytes | BinaryIO) -> int:
+    if isinstance(data, bytes):
+        return len(data)
+    size = data.seek(0, io.SEEK_END)
+    data.seek(0)
+    return size
+
+
 def otsu_threshold(gray: np.ndarray) -> int:
     """Otsu's threshold of a uint8 image: pixels > t are one class, <= t the other."""
-    hist = np.bincount(gray.ravel(), minlength=256).astype(np.float64)
+    # Pillow's histogram, not np.bincount: bincount makes an int64 copy, 8 bytes per pixel of a huge upload.
+    hist = np.asarray(Image.fromarray(gray).histogram(), dtype=np.float64)
     p = hist / hist.sum()
     w0 = np.cumsum(p)
     mu = np.cumsum(p * np.arange(256))
@@ -94,32 +125,67 @@ def to_gray(img: Image.Image) -> np.ndarray:
 
     16-bit and float modes are scaled to 0..255 instead of clipped. Transparent pixels are laid on the ground
     colour that contrasts with the opaque ink, so both dark-ink and light-ink cut-outs keep their glyph.
+    Works on bands of rows: the only full-size arrays are the uint8 result and Pillow's own images.
     """
     mode = img.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0
-        elif mode == "F" and arr.max(initial=0) <= 1.0:
-            arr = arr * 255.0
-        return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return _wide_to_gray(img)
     if mode == "P":
         img = img.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = img.convert("RGBA")
-        luma = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float64)
-        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64) / 255.0
-        if alpha.sum() == 0:
-            return np.zeros(luma.shape, dtype=np.uint8)
-        ink_mean = float((luma * alpha).sum() / alpha.sum())
-        ground = 255.0 if ink_mean < 128 else 0.0
-        return np.clip(np.rint(luma * alpha + ground * (1.0 - alpha)), 0, 255).astype(np.uint8)
+        return _transparent_to_gray(img if mode == "RGBA" else img.convert("RGBA"))
     if mode == "L":
         return np.asarray(img, dtype=np.uint8)
     if mode not in ("RGB", "1"):
         img = img.convert("RGB")
     return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def _row_bands(img: Image.Image, pixels: int = 2**20) -> Iterator[tuple[slice, Image.Image]]:
+    """(rows, that band of `img`) for bands of about `pixels` pixels, top to bottom."""
+    width, height = img.size
+    step = max(1, pixels // width)
+    for top in range(0, height, step):
+        bottom = min(height, top + step)
+        yield slice(top, bottom), img.crop((0, top, width, bottom))
+
+
+def _wide_to_gray(img: Image.Image) -> np.ndarray:
+    """16-bit, 32-bit integer and float images -> uint8, scaled like their range suggests."""
+    mode = img.mode
+    _, high = img.getextrema()
+    divisor, factor = 1.0, 1.0
+    if mode.startswith("I;16") or (mode == "I" and high > 255):
+        divisor = 257.0
+    elif mode == "F" and high <= 1.0:
+        factor = 255.0
+    out = np.empty((img.height, img.width), dtype=np.uint8)
+    for rows, band in _row_bands(img):
+        out[rows] = np.clip(np.rint(np.asarray(band, dtype=np.float64) / divisor * factor), 0, 255)
+    return out
+
+
+def _transparent_to_gray(rgba: Image.Image) -> np.ndarray:
+    """RGBA -> uint8 luminance laid on the ground that contrasts with the ink, in integers: the exact
+    rounding of luma * a/255 + ground * (1 - a/255), which is never halfway (255 is odd)."""
+    out = np.empty((rgba.height, rgba.width), dtype=np.uint8)
+    alpha_total = ink_total = 0
+    for rows, band in _row_bands(rgba):
+        out[rows] = band.convert("L")
+        alpha = np.asarray(band.getchannel("A"), dtype=np.uint32)
+        alpha_total += int(alpha.sum(dtype=np.int64))
+        ink_total += int((out[rows] * alpha).sum(dtype=np.int64))
+    if alpha_total == 0:
+        return np.zeros_like(out)
+    # The alpha-weighted mean luma is under 128: dark ink, so a light ground.
+    ground = 255 if ink_total < 128 * alpha_total else 0
+    for rows, band in _row_bands(rgba):
+        alpha = np.asarray(band.getchannel("A"))
+        if alpha.min() < 255:  # opaque bands are their luma already
+            weight = alpha.astype(np.uint32)
+            out[rows] = (out[rows] * weight + ground * (255 - weight) + 127) // 255
+    return out
 
 
 def glyph_is_dark(gray: np.ndarray) -> bool:
@@ -138,7 +204,9 @@ def convert(img: Image.Image, size: int) -> np.ndarray:
     if size < 1:
         raise OracleMnistError(f"image size must be positive, got {size}")
     try:
-        img = ImageOps.exif_transpose(img)
+        # exif_transpose copies the whole image even when there is nothing to turn.
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            img = ImageOps.exif_transpose(img)
         gray = to_gray(img)
     except (OSError, ValueError) as exc:
         raise OracleMnistError(f"cannot read image ({img.mode}, {img.size}): {exc}") from exc

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,11 @@ _MAX_PROBE_SIZE = 256
 
 @dataclass(frozen=True)
 class ModelMeta:
-    """Everything needed to use a saved model on its own: what it is, what it expects, where it came from."""
+    """Everything needed to use a saved model on its own: what it is, what it expects, where it came from.
+
+    Constructing one validates it, so no model with unusable metadata (a NaN mean, a std of 0) is ever
+    saved, loaded or served; `from_dict` is the one way metadata read from a file becomes a ModelMeta.
+    """
 
     model_name: str
     class_names: tuple[str, ...]
@@ -34,6 +40,67 @@ class ModelMeta:
     params_hash: str
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
+
+    def __post_init__(self) -> None:
+        problems = _meta_problems(self)
+        if problems:
+            raise OracleMnistError("; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str) -> ModelMeta:
+        """Metadata read from `source` (a model file) -> ModelMeta, or an error naming `source`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or not known >= set(raw):
+            raise OracleMnistError(f"{source}: model metadata is missing or has unknown fields")
+        if not isinstance(raw.get("class_names"), list | tuple):
+            raise OracleMnistError(f"{source}: model metadata class_names: expected a list of names")
+        try:
+            return cls(**{**raw, "class_names": tuple(raw["class_names"])})
+        except TypeError as exc:
+            raise OracleMnistError(f"{source}: model metadata is incomplete: {exc}") from None
+        except OracleMnistError as exc:
+            raise OracleMnistError(f"{source}: model metadata: {exc}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _meta_problems(meta: ModelMeta) -> list[str]:
+    names = meta.class_names
+    problems = []
+    if not isinstance(meta.model_name, str) or not meta.model_name:
+        problems.append(f"model_name: expected a model name, got {meta.model_name!r}")
+    if not isinstance(names, tuple) or len(names) < 2 or not all(isinstance(n, str) and n for n in names):
+        problems.append(f"class_names: expected at least 2 non-empty names, got {names!r}")
+    elif len(set(names)) != len(names):
+        problems.append(f"class_names: names repeat: {list(names)}")
+    if not _is_int(meta.image_size) or meta.image_size < 1:
+        problems.append(f"image_size: expected a positive integer, got {meta.image_size!r}")
+    for name in ("mean", "std"):
+        value = getattr(meta, name)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            problems.append(f"{name}: expected a finite number, got {value!r}")
+    if isinstance(meta.std, numbers.Real) and meta.std <= 0:
+        problems.append(f"std: must be positive, got {meta.std!r}")
+    if not isinstance(meta.data_hash, str) or not isinstance(meta.params_hash, str):
+        problems.append("data_hash, params_hash: expected strings")
+    if not isinstance(meta.metrics, dict):
+        problems.append(f"metrics: expected a mapping, got {type(meta.metrics).__name__}")
+    if not _is_int(meta.epoch) or meta.epoch < 0:
+        problems.append(f"epoch: expected a non-negative integer, got {meta.epoch!r}")
+    return problems
+
+
+def non_finite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """Names of floating-point tensors in `state_dict` holding a NaN or an infinity."""
+    return [
+        name
+        for name, tensor in state_dict.items()
+        if isinstance(tensor, torch.Tensor)
+        and tensor.is_floating_point()
+        and not bool(tensor.isfinite().all())
+    ]
 
 
 def _accepts(model: nn.Module, size: int) -> bool:
@@ -115,17 +182,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
         raise OracleMnistError(
             f"{path}: unsupported model format_version {version!r} (need {FORMAT_VERSION})"
         )
-    raw_meta = payload.get("meta")
-    known = {f.name for f in dataclasses.fields(ModelMeta)}
-    if not isinstance(raw_meta, dict) or not known >= set(raw_meta):
-        raise OracleMnistError(f"{path}: model metadata is missing or has unknown fields")
-    try:
-        meta = ModelMeta(**{**raw_meta, "class_names": tuple(raw_meta["class_names"])})
-    except (TypeError, KeyError) as exc:
-        raise OracleMnistError(f"{path}: model metadata is incomplete: {exc}") from exc
+    meta = ModelMeta.from_dict(payload.get("meta"), str(path))
     model = build_model(meta.model_name, len(meta.class_names), meta.image_size)
     try:
         model.load_state_dict(payload["state_dict"])
     except (RuntimeError, KeyError) as exc:
         raise OracleMnistError(f"{path}: weights do not fit model {meta.model_name!r}: {exc}") from exc
+    broken = non_finite_tensors(payload["state_dict"])
+    if broken:
+        raise OracleMnistError(
+            f"{path}: weights are not finite (NaN or infinity) in {len(broken)} tensor(s): "
+            f"{', '.join(broken[:5])}; the model is broken, retrain it"
+        )
     return model.to(device).eval(), meta
