@@ -65,15 +65,32 @@ def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
     assert "timeout-minute" in proc.stdout and "nonexistent_context" in proc.stdout
 
 
-def test_tests_workflow_runs_the_readme_commands_on_push_and_pull_request() -> None:
+SETUP = "pip install -r requirements.txt && pip install --no-deps -e ."
+
+
+def test_tests_workflow_and_ci_run_the_readme_commands_without_secrets() -> None:
     workflow = load("tests.yml")
     triggers = workflow[True]  # YAML 1.1 reads the key `on` as a boolean
     assert "push" in triggers and "pull_request" in triggers
     commands = readme_commands("Quick start")
-    assert "pip install -r requirements.txt" in commands and "pytest" in commands
+    assert SETUP in commands and "pytest" in commands
     lines = run_lines(workflow)
-    for command in ("pip install -r requirements.txt", "pytest"):
+    for command in (SETUP, "pytest"):
         assert command in lines, f"tests.yml does not run the README's `{command}`"
+    assert "secrets." not in (WORKFLOWS / "tests.yml").read_text(encoding="utf-8")
+    ci = (REPO / ".ci/run").read_text(encoding="utf-8").splitlines()
+    assert "python -m pip install -r requirements.txt" in ci and "pytest" in ci
+
+
+def test_dependabot_keeps_the_lock_and_the_actions_current() -> None:
+    config = yaml.safe_load((REPO / ".github/dependabot.yml").read_text(encoding="utf-8"))
+    assert {u["package-ecosystem"] for u in config["updates"]} == {"pip", "github-actions"}
+
+
+def test_pr_report_edits_only_its_own_comment() -> None:
+    joined = "\n".join(run_lines(load("pr-report.yml")))
+    assert "--edit-last" not in joined
+    assert "<!-- oracle-mnist-pr-report -->" in joined and "startswith" in joined
 
 
 def test_pr_report_reads_base_by_revision_and_reproduces_head() -> None:
@@ -87,7 +104,7 @@ def test_pr_report_reads_base_by_revision_and_reproduces_head() -> None:
         'git checkout --quiet "$HEAD_SHA"',
         "dvc pull --run-cache",
         "dvc repro",
-        'oracle-mnist-report "$BASE_SHA" -o report',
+        'oracle-mnist report "$BASE_SHA" -o report',
     ]
     positions = [joined.find(item) for item in order]
     assert -1 not in positions, dict(zip(order, positions, strict=True))
