@@ -227,8 +227,9 @@ def convert(img: Image.Image, size: int) -> np.ndarray:
 def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     """(N, H, W) uint8 -> (N, size, size) uint8 by Pillow's bicubic; no-op at the same size.
 
-    Image by image, the very resize `convert` applies: training and serving pixels are identical at every size
-    (a vectorised copy of the filter was twice as fast but one grey level off on some images).
+    Image by image, the very resize `convert` applies, so training and serving pixels are identical at every
+    size. A vectorised copy of the filter was faster but up to 2 grey levels off; this way the full dataset's
+    30,222 images take under a second at 64 px (bench/featurize.py).
     """
     if images.ndim != 3 or images.dtype != np.uint8:
         raise OracleMnistError(f"expected uint8 (N, H, W) images, got {images.dtype} {images.shape}")
