@@ -40,7 +40,7 @@ SAMPLE_DIR = REPO / "data/sources/oracle-mnist-sample"
 TEST_PARAMS: dict[str, Any] = {
     # Native 28 px and two epochs of three batches: every code path of train/evaluate runs, in seconds.
     "featurize": {"image_size": 28},
-    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "batches_per_epoch": 3},
+    "train": {"epochs": 2, "warmup_epochs": 1, "batch_size": 32, "batches_per_epoch": 3, "threads": 1},
 }
 
 # --- params, subprocesses, a copy of the repository -------------------------------------------------------
@@ -257,3 +257,21 @@ def own_frame(glyph: np.ndarray) -> np.ndarray:
     if len(cols) <= len(rows):
         return glyph[:, cols[0] : cols[-1] + 1]
     return glyph[rows[0] : rows[-1] + 1]
+
+
+# --- broken models ------------------------------------------------------------------------------------------
+
+
+def broken_model_copy(model_file: Path, dest: Path, weight: float | None = None, **meta: Any) -> Path:
+    """A copy of a saved model at `dest` with `meta` fields replaced and, when `weight` is given, that value
+    written into the first weight tensor: files save_model itself would never write (it validates)."""
+    import torch
+
+    payload = torch.load(model_file, weights_only=True)
+    payload["meta"] = {**payload["meta"], **meta}
+    if weight is not None:
+        first = next(name for name, t in payload["state_dict"].items() if t.is_floating_point())
+        payload["state_dict"][first].view(-1)[0] = weight
+    with open(dest, "wb") as fh:
+        torch.save(payload, fh)
+    return dest
