@@ -14,7 +14,9 @@ from oracle_mnist.metrics import (
     confusion_records,
     evaluate,
     expected_calibration_error,
+    fit_temperature,
     per_class_accuracy,
+    reliability_rows,
     softmax,
 )
 
@@ -67,10 +69,18 @@ def test_evaluate_has_every_field_with_right_values():
     logits = np.log(np.array([[0.8, 0.1, 0.1], [0.1, 0.7, 0.2], [0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]))
     labels = np.array([0, 1, 1, 2])
     report = evaluate(logits, labels, NAMES, ece_bins=10)
-    assert set(report) == {"accuracy", "macro_f1", "top2_accuracy", "loss", "ece", "n", "per_class"}
+    assert set(report) == {
+        "accuracy",
+        "macro_f1",
+        "top2_accuracy",
+        "loss",
+        "ece",
+        "ece_uncalibrated",
+        "per_class",
+    }
     assert report["accuracy"] == 0.75
     assert report["top2_accuracy"] == 1.0
-    assert report["n"] == 4
+    assert report["ece"] == report["ece_uncalibrated"]  # temperature 1
     assert report["loss"] == pytest.approx(-np.mean(np.log([0.8, 0.7, 0.3, 0.6])), abs=1e-6)
     # a: P 1/2 R 1; b: P 1 R 1/2; c: P 1 R 1.
     assert report["per_class"]["a"] == {"precision": 0.5, "recall": 1.0, "f1": 0.666667, "support": 1}
@@ -93,3 +103,40 @@ def test_confusion_records_and_per_class_accuracy():
         {"class": "b", "accuracy": 1.0},
         {"class": "c", "accuracy": 0.5},
     ]
+
+
+def calibrated_sample(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels drawn from softmax(logits) itself: calibrated at temperature 1 by construction."""
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(scale=2.0, size=(n, classes))
+    probs = softmax(logits)
+    labels = np.array([rng.choice(classes, p=p) for p in probs])
+    return logits, labels
+
+
+@pytest.mark.parametrize("true_t", [0.5, 1.0, 2.5])
+def test_fit_temperature_recovers_the_scale_of_over_and_under_confident_logits(true_t: float):
+    logits, labels = calibrated_sample(20_000)
+    assert fit_temperature(logits * true_t, labels) == pytest.approx(true_t, rel=0.05)
+
+
+def test_temperature_fixes_calibration_and_keeps_every_prediction():
+    logits, labels = calibrated_sample(5_000, seed=1)
+    overconfident = logits * 3.0
+    t = fit_temperature(overconfident[:2_500], labels[:2_500])  # fitted on one half, judged on the other
+    held_out, held_labels = overconfident[2_500:], labels[2_500:]
+    before = expected_calibration_error(softmax(held_out), held_labels, 15)
+    after = expected_calibration_error(softmax(held_out, t), held_labels, 15)
+    assert after < 0.03 < before
+    assert (softmax(held_out, t).argmax(axis=1) == held_out.argmax(axis=1)).all()
+    report = evaluate(held_out, held_labels, tuple("abcdefghij"), temperature=t)
+    assert report["ece_uncalibrated"] == pytest.approx(before, abs=1e-6)
+    assert report["ece"] == pytest.approx(after, abs=1e-6)
+
+
+def test_reliability_rows_cover_every_image_once():
+    logits, labels = calibrated_sample(1_000, seed=2)
+    rows = reliability_rows(softmax(logits), labels, 15, "calibrated")
+    assert sum(r["images"] for r in rows) == 1_000
+    assert all(0 <= r["accuracy"] <= 1 and 0 < r["confidence"] <= 1 for r in rows)
+    assert [r["confidence"] for r in rows] == sorted(r["confidence"] for r in rows)

@@ -11,8 +11,10 @@ import numpy as np
 from oracle_mnist.errors import OracleMnistError
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities; `temperature` is the model's calibration (logits are divided by it)."""
+    scaled = logits.astype(np.float64) / temperature
+    shifted = scaled - scaled.max(axis=1, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=1, keepdims=True)
 
@@ -31,10 +33,56 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int)
     return float(ece)
 
 
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T minimising the cross-entropy of softmax(logits / T) (Guo et al., 2017).
+
+    Fitted on the validation split: one scalar cannot change which class wins, so accuracy is untouched while
+    the probabilities stop being over-confident. The loss is convex in 1/T, so a bounded scalar search finds the
+    one minimum, deterministically.
+    """
+    from scipy.optimize import minimize_scalar
+
+    logits64 = logits.astype(np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(inverse_t: float) -> float:
+        scaled = logits64 * inverse_t
+        top = scaled.max(axis=1)
+        log_z = top + np.log(np.exp(scaled - top[:, None]).sum(axis=1))
+        return float((log_z - scaled[rows, labels]).mean())
+
+    # T within [0.05, 20]: wider than any trained network needs, and never 0 or negative.
+    best = minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-6})
+    return round(1.0 / float(best.x), 6)
+
+
+def reliability_rows(probs: np.ndarray, labels: np.ndarray, bins: int, series: str) -> list[dict[str, Any]]:
+    """Per non-empty confidence bin: mean confidence, accuracy and count (a reliability diagram's points)."""
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    return [
+        {
+            "probabilities": series,
+            "confidence": _r(float(confidence[which == b].mean())),
+            "accuracy": _r(float(correct[which == b].mean())),
+            "images": int((which == b).sum()),
+        }
+        for b in range(bins)
+        if (which == b).any()
+    ]
+
+
 def evaluate(
-    logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], ece_bins: int = 15
+    logits: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    ece_bins: int = 15,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
-    """All test metrics as one JSON-able dict (DVC metrics: nested per-class numbers flatten in `dvc exp show`)."""
+    """All test metrics as one JSON-able dict, from the calibrated probabilities (those the model serves);
+    `ece_uncalibrated` is the ECE before the temperature. `per_class` is for a separate file: in a metrics
+    file each number would be a `dvc exp show` column."""
     n_classes = len(class_names)
     if logits.ndim != 2 or logits.shape != (len(labels), n_classes):
         raise OracleMnistError(
@@ -45,7 +93,7 @@ def evaluate(
     # Imported here: serving uses softmax from this module and should not pay for loading scikit-learn.
     from sklearn.metrics import f1_score, log_loss, precision_recall_fscore_support, top_k_accuracy_score
 
-    probs = softmax(logits)
+    probs = softmax(logits, temperature)
     preds = probs.argmax(axis=1)
     classes = list(range(n_classes))
     # With two classes scikit-learn wants the positive class's score alone (top-2 of 2 is then 1, with a warning).
@@ -59,7 +107,7 @@ def evaluate(
         "top2_accuracy": _r(top2),
         "loss": _r(log_loss(labels, probs, labels=classes)),  # cross-entropy, without label smoothing
         "ece": _r(expected_calibration_error(probs, labels, ece_bins)),
-        "n": len(labels),
+        "ece_uncalibrated": _r(expected_calibration_error(softmax(logits), labels, ece_bins)),
         "per_class": {
             name: {
                 "precision": _r(float(precision[i])),
