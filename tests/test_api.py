@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -15,12 +16,19 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from helpers import encode, free_port, png_header_only, serve_in_subprocess, uvicorn_command
+from helpers import (
+    broken_model_copy,
+    encode,
+    free_port,
+    png_header_only,
+    serve_in_subprocess,
+    uvicorn_command,
+)
 from PIL import Image
 
 from oracle_mnist.api import Settings, create_app
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.inference import Predictor
+from oracle_mnist.inference import ModelMeta, Predictor
 
 
 @pytest.fixture(scope="module")
@@ -287,12 +295,59 @@ def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: 
 
 
 @pytest.mark.slow
-def test_uvicorn_refuses_to_start_without_the_model(tmp_path: Path):
-    missing = tmp_path / "absent.pt"
-    env = {**os.environ, "ORACLE_MNIST_MODEL": str(missing)}
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ({}, "model file not found"),
+        ({"weight": float("nan")}, "weights are not finite (NaN or infinity) in 1 tensor(s): conv1.weight"),
+        ({"std": float("nan")}, "model metadata: std: expected a finite number, got nan"),
+        ({"std": 0.0}, "model metadata: std: must be positive, got 0.0"),
+    ],
+)
+def test_uvicorn_refuses_to_start_without_a_usable_model(tmp_path: Path, model_file: Path, broken, message):
+    path = tmp_path / "model.pt"
+    if broken:
+        broken_model_copy(model_file, path, **broken)
+    env = {**os.environ, "ORACLE_MNIST_MODEL": str(path)}
     proc = subprocess.run(uvicorn_command(free_port()), env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    assert f"oracle-mnist API cannot start: {missing}: model file not found" in proc.stderr
+    assert proc.returncode == 3  # uvicorn's status for a failed start-up
+    assert f"oracle-mnist API cannot start: {path}: {message}" in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_server_closes_a_connection_whose_body_never_arrives(model_file: Path):
+    env = {**server_env(model_file, "torch"), "ORACLE_MNIST_BODY_TIMEOUT": "1"}
+    with serve_in_subprocess(env) as url:
+        parsed = urlparse(url)
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=30) as sock:
+            sock.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                b"Content-Length: 100000\r\n\r\n"
+            )
+            data = b""
+            while chunk := sock.recv(65536):  # until the server closes the connection
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 408")
+    assert b"request body did not arrive within 1 s" in data
+
+
+def test_model_info_is_every_model_meta_field_and_the_serving_settings(client: TestClient, model_file: Path):
+    meta = Predictor.from_file(model_file).meta
+    info = client.get("/model").json()
+    assert set(info) == {f.name for f in fields(ModelMeta)} | {"characters", "backend", "limits"}
+    assert {name: info[name] for name in ("mean", "std", "epoch")} == {
+        "mean": meta.mean,
+        "std": meta.std,
+        "epoch": meta.epoch,
+    }
+
+
+def test_a_model_that_outputs_nan_gets_a_500_never_a_null(client: TestClient, glyphs, monkeypatch):
+    predictor = client.app.state.predictor
+    monkeypatch.setattr(predictor, "_run", lambda batch: np.full((len(batch), 10), np.nan, np.float32))
+    resp = client.post("/predict", files=[("files", ("g.png", glyphs[0], "image/png"))])
+    assert resp.status_code == 500
+    assert "the model's outputs are not finite" in resp.json()["detail"]
 
 
 def test_formats_outside_the_served_list_are_refused(client: TestClient, sample_test_images):

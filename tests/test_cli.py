@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import broken_model_copy
 from PIL import Image
 
-from oracle_mnist.cli import build_parser, main
+from oracle_mnist.cli import build_parser, display_name, main
 from oracle_mnist.inference import Predictor
 
 
@@ -161,3 +164,84 @@ def test_installed_console_script(model_file: Path, image_files: list[Path]):
     (pred,) = Predictor.from_file(model_file).predict([Image.open(image_files[1])])
     assert (row["file"], row["index"]) == (str(image_files[1]), pred.index)
     assert np.isclose(row["probability"], pred.probability)
+
+
+# --- one command ----------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: oracle-mnist [-h] COMMAND")
+    assert "predict" in out and "report" in out
+
+
+def test_report_subcommand_calls_the_report(capsys, monkeypatch, tmp_path: Path):
+    import oracle_mnist.report
+
+    calls = []
+
+    def write_report(repo, base, head, out, image_url_prefix=""):
+        calls.append((repo, base, head, out, image_url_prefix))
+        return out / "report.md"
+
+    monkeypatch.setattr(oracle_mnist.report, "write_report", write_report)
+    code, out, _ = run_main(capsys, "report", "main", "-o", str(tmp_path / "r"), "--repo", str(tmp_path))
+    assert code == 0
+    assert calls == [(tmp_path, "main", None, tmp_path / "r", "")]
+    assert out == f"{tmp_path / 'r' / 'report.md'}\n"
+
+
+# --- hostile file names and files -----------------------------------------------------------------------------
+
+
+def test_display_name_escapes_what_cannot_be_printed():
+    assert display_name("glyph 日.png") == "glyph 日.png"
+    assert display_name("two\nlines.png") == "two\\nlines.png"
+    assert display_name(os.fsdecode(b"bad\xff.png")) == "bad\\xff.png"
+    assert display_name("bell\x07 and \\.png") == "bell\\x07 and \\\\.png"
+
+
+@pytest.mark.slow
+def test_any_file_name_is_written_safely_with_strict_utf8_output(tmp_path: Path, model_file, image_files):
+    odd = [tmp_path / os.fsdecode(b"bad\xff.png"), tmp_path / "two\nlines.png", tmp_path / "日.png"]
+    for path in odd:
+        shutil.copy(image_files[0], path)
+    cmd = [sys.executable, "-m", "oracle_mnist.cli", "predict", *map(str, odd), "--model", str(model_file)]
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
+    text = subprocess.run(cmd, capture_output=True, env=env, timeout=120)
+    as_json = subprocess.run([*cmd, "--json"], capture_output=True, env=env, timeout=120)
+    assert (text.returncode, as_json.returncode) == (0, 0), (text.stderr, as_json.stderr)
+    lines = text.stdout.decode("utf-8").splitlines()
+    assert len(lines) == 3  # one per file: the newline in a name is escaped
+    assert lines[0].startswith(f"{tmp_path}/bad\\xff.png: ")
+    assert lines[1].startswith(f"{tmp_path}/two\\nlines.png: ")
+    assert lines[2].startswith(f"{tmp_path}/日.png: ")
+    rows = json.loads(as_json.stdout.decode("utf-8"))
+    assert [row["file"] for row in rows] == [f"{tmp_path}/bad\\xff.png", str(odd[1]), str(odd[2])]
+
+
+def test_non_regular_and_oversized_files_are_refused_before_reading(capsys, tmp_path: Path, model_file):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(10**9)
+    code, out, err = run_main(
+        capsys, "predict", str(fifo), "/dev/zero", str(tmp_path), str(big), "--model", str(model_file),
+        "--max-file-bytes", "1000",
+    )  # fmt: skip
+    assert (code, out) == (1, "")
+    assert f"{fifo}: is a FIFO, not a regular file" in err
+    assert "/dev/zero: is a device or special file, not a regular file" in err
+    assert f"{tmp_path}: is a directory" in err
+    assert f"{big}: file is larger than the limit of 1000 bytes" in err
+
+
+def test_a_broken_model_exits_1_and_prints_no_probability(capsys, tmp_path: Path, model_file, image_files):
+    broken = broken_model_copy(model_file, tmp_path / "nan.pt", float("nan"))
+    code, out, err = run_main(capsys, "predict", str(image_files[0]), "--model", str(broken), "--json")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {broken}: weights are not finite")

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import encode, enlarge, png_header_only, tint
+from helpers import broken_model_copy, encode, enlarge, png_header_only, tint
 from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.images import glyph_is_dark, resize_batch
+from oracle_mnist.images import glyph_is_dark, resize_batch, to_gray
 from oracle_mnist.inference import (
+    ONNX_META_KEY,
     BadImageError,
     ImageTooLargeError,
+    ModelOutputError,
     Predictor,
     open_image,
     read_image_file,
@@ -221,3 +227,136 @@ def test_threads_per_pass_change_speed_not_results(onnx_model_file: Path, sample
     np.testing.assert_allclose(single.logits(images), default.logits(images), rtol=0, atol=1e-5)
     with pytest.raises(OracleMnistError, match="threads: must be 1 or more, got 0"):
         Predictor.from_file(onnx_model_file, "onnx", threads=0)
+
+
+# --- hostile inputs: bounded files, bounded memory, bounded concurrency ------------------------------------
+
+
+def test_read_image_file_refuses_non_regular_files_before_reading(tmp_path: Path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # with no writer: a plain open() would wait for ever
+    with pytest.raises(BadImageError, match=f"^{fifo}: is a FIFO, not a regular file$"):
+        read_image_file(fifo, 10_000)
+    # A small max_bytes: should the device check ever go, /dev/zero is read to 1 KB, not to the end of memory.
+    with pytest.raises(BadImageError, match=r"^/dev/zero: is a device or special file, not a regular file$"):
+        read_image_file("/dev/zero", 10_000, max_bytes=1024)
+    big = tmp_path / "big.png"
+    with open(big, "wb") as fh:
+        fh.truncate(10**9)  # sparse: a gigabyte that takes no disk
+    with pytest.raises(ImageTooLargeError, match=f"^{big}: file is larger than the limit of 1000 bytes$"):
+        read_image_file(big, 10_000, max_bytes=1000)
+
+
+def test_transparent_images_composite_exactly_like_the_float_formula():
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (70, 50, 4), dtype=np.uint8)
+    img = Image.fromarray(rgba, "RGBA")
+    luma = np.asarray(img.convert("L"), dtype=np.float64)
+    alpha = rgba[..., 3] / 255.0
+    ground = 255.0 if (luma * alpha).sum() / alpha.sum() < 128 else 0.0
+    expected = np.clip(np.rint(luma * alpha + ground * (1 - alpha)), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(to_gray(img), expected)
+
+
+def test_converting_a_large_upload_makes_no_full_size_float_copies(model_file: Path):
+    """numpy reports its allocations to tracemalloc: the conversion's own arrays stay near 1 byte per pixel
+    (the uint8 planes), where float64 arrays of the whole image would take 8 each."""
+    side = 2000
+    rgba = np.zeros((side, side, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[side // 4 : side // 2, :, 3] = 128  # partly transparent: the compositing path
+    data = encode(Image.fromarray(rgba, "RGBA"))
+    predictor = Predictor.from_file(model_file)
+    tracemalloc.start()
+    try:
+        predictor.features_from(data, "big.png", max_pixels=side * side)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * side * side, f"{peak / side / side:.1f} bytes per pixel"
+
+
+def test_huge_images_queue_in_their_own_lane(model_file: Path, monkeypatch):
+    """One heavy slot (1 concurrent pass): while a huge image is being converted, a second huge one waits,
+    and an ordinary one does not."""
+    predictor = Predictor(*_loaded(model_file), concurrent=1)
+    huge = encode(Image.new("L", (1100, 1000)))
+    small = encode(Image.new("L", (50, 50)))
+    inside, release = threading.Event(), threading.Event()
+    active: list[int] = []
+    most = [0]
+    real_features_of = predictor.features_of
+
+    def features_of(img: Image.Image, name: str) -> np.ndarray:
+        if name.startswith("huge"):
+            active.append(1)
+            most[0] = max(most[0], len(active))
+            inside.set()
+            release.wait(30)
+            active.pop()
+        return real_features_of(img, name)
+
+    monkeypatch.setattr(predictor, "features_of", features_of)
+    threads = [
+        threading.Thread(target=predictor.features_from, args=(huge, f"huge{i}", 2_000_000)) for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    assert inside.wait(30)
+    predictor.features_from(small, "small", 2_000_000)
+    huge_still_running = not release.is_set() and len(active) == 1
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert huge_still_running  # the ordinary image did not wait for the huge one
+    assert most[0] == 1  # nor did two huge ones run at once
+
+
+def _loaded(model_file: Path) -> tuple:
+    loaded = Predictor.from_file(model_file)
+    return loaded.meta, loaded._run, loaded.backend, loaded.path
+
+
+# --- broken models ------------------------------------------------------------------------------------------
+
+
+def test_non_finite_outputs_are_never_probabilities():
+    predictor = fixed_predictor(np.array([np.nan] + [0.0] * 9, dtype=np.float32))
+    with pytest.raises(ModelOutputError, match=r"^fixed: the model's outputs are not finite"):
+        predictor.predict_features(np.zeros((1, 28, 28), dtype=np.uint8))
+
+
+def test_a_broken_torch_model_is_refused_at_load(tmp_path: Path, model_file: Path):
+    broken = broken_model_copy(model_file, tmp_path / "nan.pt", float("nan"))
+    with pytest.raises(OracleMnistError, match=f"^{broken}: weights are not finite"):
+        Predictor.from_file(broken)
+
+
+def _onnx_with(onnx_model_file: Path, dest: Path, nan_weight: bool = False, **meta_changes) -> Path:
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_model_file))
+    entry = next(e for e in proto.metadata_props if e.key == ONNX_META_KEY)
+    entry.value = json.dumps({**json.loads(entry.value), **meta_changes})
+    if nan_weight:
+        init = next(i for i in proto.graph.initializer if numpy_helper.to_array(i).dtype == np.float32)
+        arr = numpy_helper.to_array(init).copy()
+        arr.flat[0] = np.nan
+        init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    onnx.save_model(proto, str(dest))
+    return dest
+
+
+@pytest.mark.parametrize(
+    ("nan_weight", "meta", "message"),
+    [
+        (True, {}, "weights are not finite"),
+        (False, {"std": 0.0}, "model metadata: std: must be positive, got 0.0"),
+        (False, {"mean": float("nan")}, "model metadata: mean: expected a finite number, got nan"),
+    ],
+)
+def test_a_broken_onnx_model_is_refused_at_load(tmp_path, onnx_model_file, nan_weight, meta, message):
+    broken = _onnx_with(onnx_model_file, tmp_path / "broken.onnx", nan_weight, **meta)
+    with pytest.raises(OracleMnistError, match=f"^{broken}: {message}"):
+        Predictor.from_file(broken, "onnx")

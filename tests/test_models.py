@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import timm
 import torch
+from helpers import broken_model_copy
 
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.models import ModelMeta, build_model, load_model, save_model
@@ -103,3 +104,49 @@ def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
     save_model(tmp_path / "a.pt", model, META)
     save_model(tmp_path / "b.pt", model, META)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"mean": float("nan")}, "mean: expected a finite number, got nan"),
+        ({"std": float("inf")}, "std: expected a finite number, got inf"),
+        ({"std": 0.0}, "std: must be positive, got 0.0"),
+        ({"std": -0.1}, "std: must be positive"),
+        ({"image_size": 0}, "image_size: expected a positive integer"),
+        ({"class_names": ("one",)}, "class_names: expected at least 2"),
+        ({"class_names": ("a", "a")}, "class_names: names repeat"),
+        ({"model_name": ""}, "model_name: expected a model name"),
+        ({"epoch": -1}, "epoch: expected a non-negative integer"),
+    ],
+)
+def test_model_meta_refuses_unusable_values(changes, message):
+    with pytest.raises(OracleMnistError, match=message):
+        replace(META, **changes)
+
+
+def test_model_meta_from_dict_names_the_source():
+    raw = {**asdict(META), "class_names": list(META.class_names)}
+    assert ModelMeta.from_dict(raw, "m.pt") == META
+    with pytest.raises(OracleMnistError, match=r"^m\.pt: model metadata: std: must be positive, got 0$"):
+        ModelMeta.from_dict({**raw, "std": 0}, "m.pt")
+    with pytest.raises(OracleMnistError, match=r"^m\.pt: model metadata is missing or has unknown fields"):
+        ModelMeta.from_dict({**raw, "extra": 1}, "m.pt")
+    with pytest.raises(OracleMnistError, match=r"^m\.pt: model metadata class_names: expected a list"):
+        ModelMeta.from_dict({**raw, "class_names": "abc"}, "m.pt")
+
+
+@pytest.mark.parametrize(
+    ("weight", "meta", "message"),
+    [
+        (float("nan"), {}, r"weights are not finite \(NaN or infinity\) in 1 tensor\(s\): conv1.weight"),
+        (float("inf"), {}, r"weights are not finite"),
+        (None, {"std": float("nan")}, r"model metadata: std: expected a finite number, got nan"),
+        (None, {"mean": float("-inf")}, r"model metadata: mean: expected a finite number"),
+        (None, {"std": 0.0}, r"model metadata: std: must be positive, got 0.0"),
+    ],
+)
+def test_load_model_refuses_a_broken_model(tmp_path, model_file, weight, meta, message):
+    broken = broken_model_copy(model_file, tmp_path / "broken.pt", weight, **meta)
+    with pytest.raises(OracleMnistError, match=f"^{tmp_path / 'broken.pt'}: {message}"):
+        load_model(broken)

@@ -141,7 +141,8 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(
         [
             sys.executable,
             "-m",
-            "oracle_mnist.report",
+            "oracle_mnist.cli",
+            "report",
             base,
             "no-such-rev",
             "-o",

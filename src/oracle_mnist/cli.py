@@ -1,4 +1,8 @@
-"""`oracle-mnist predict IMAGE...`: classify image files with a trained model (see `--help`)."""
+"""`oracle-mnist COMMAND`: the one user-facing command (`oracle-mnist --help` lists the subcommands).
+
+predict  classify image files with a trained model
+report   compare the results of two revisions as markdown with PNG plots (report.py)
+"""
 
 from __future__ import annotations
 
@@ -12,17 +16,52 @@ import numpy as np
 from tqdm import tqdm
 
 from oracle_mnist.errors import OracleMnistError, exit_on_error
-from oracle_mnist.inference import BACKENDS, DEFAULT_MODEL_PATHS, Prediction, Predictor, read_image_file
+from oracle_mnist.inference import (
+    BACKENDS,
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODEL_PATHS,
+    Prediction,
+    Predictor,
+    read_image_file,
+)
 
-# Same ceiling as featurize.max_pixels' default: refuses decompression bombs before decoding.
-DEFAULT_MAX_PIXELS = 40_000_000
+# Escapes for the usual control characters; any other unprintable one is written as \xNN, \uNNNN or \UNNNNNNNN.
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="oracle-mnist", description="Classify Oracle-MNIST oracle-bone character images."
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def display_name(path: Path | str) -> str:
+    """A file name as one printable line: unchanged when it is printable, else escaped like a Python string
+    literal (without quotes). Bytes that are not UTF-8 (decoded by Python as surrogates) become \\xNN."""
+    text = str(path)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char in _ESCAPES:
+            out.append(_ESCAPES[char])
+        elif char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for an undecodable byte
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(repr(char)[1:-1])
+    return "".join(out)
+
+
+def json_name(path: Path | str) -> str:
+    """A file name for JSON: as it is when it is valid Unicode (JSON escapes control characters itself),
+    escaped by `display_name` when it holds bytes that are not UTF-8 (lone surrogates are not valid JSON)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return display_name(text)
+    return text
+
+
+def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser(
         "predict",
         help="classify image files",
@@ -49,13 +88,48 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
-        help="refuse images with more pixels than this (default: %(default)s)",
+        help="refuse images with more pixels than this, from the header (default: %(default)s)",
     )
+    predict.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        metavar="N",
+        help="refuse files larger than this, reading no further (default: %(default)s)",
+    )
+    predict.set_defaults(run=run_predict)
+
+
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="compare the results of two revisions (markdown and PNG plots)",
+        description="Write a markdown report (metrics diff, params diff, plots as PNG) comparing two "
+        "revisions, read through DVC; nothing is written if any step fails.",
+    )
+    report.add_argument("base", help="the revision to compare against, e.g. main or a commit")
+    report.add_argument("head", nargs="?", help="the revision to report on (default: the workspace)")
+    report.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (replaced)")
+    report.add_argument("--repo", type=Path, default=Path.cwd(), help="the DVC repository (default: here)")
+    report.add_argument(
+        "--image-url-prefix", default="", help="prefix for image links instead of the relative images/"
+    )
+    report.set_defaults(run=run_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oracle-mnist",
+        description="Oracle-MNIST: classify oracle-bone character images, compare pipeline results.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_predict(commands)
+    _add_report(commands)
     return parser
 
 
-def format_text(path: Path, pred: Prediction) -> str:
-    lines = [f"{path}: {pred.name} ({pred.index}) {pred.probability:.4f}"]
+def format_text(path: Path | str, pred: Prediction) -> str:
+    lines = [f"{display_name(path)}: {pred.name} ({pred.index}) {pred.probability:.4f}"]
     if len(pred.top_k) > 1:
         lines += [
             f"  {rank}. {name} ({index}) {prob:.4f}" for rank, (index, name, prob) in enumerate(pred.top_k, 1)
@@ -64,14 +138,19 @@ def format_text(path: Path, pred: Prediction) -> str:
 
 
 def predict_files(
-    predictor: Predictor, paths: Sequence[Path], top_k: int, max_pixels: int
+    predictor: Predictor,
+    paths: Sequence[Path],
+    top_k: int,
+    max_pixels: int,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> list[Prediction]:
     """Convert every file first (one image in memory at a time), then classify them in batches."""
     predictor.check_top_k(top_k)
     features, problems = [], []
     for path in tqdm(paths, desc="reading", unit="img", disable=len(paths) < 100, file=sys.stderr):
+        name = display_name(path)
         try:
-            features.append(predictor.features_of(read_image_file(path, max_pixels), str(path)))
+            features.append(predictor.features_of(read_image_file(path, max_pixels, max_bytes, name), name))
         except OracleMnistError as exc:
             problems.append(str(exc))
     if problems:
@@ -81,19 +160,33 @@ def predict_files(
     return predictor.predict_features(np.stack(features), top_k)
 
 
+def run_predict(args: argparse.Namespace) -> int:
+    predictor = Predictor.from_file(args.model, args.backend)
+    predictions = predict_files(predictor, args.images, args.top_k, args.max_pixels, args.max_file_bytes)
+    pairs = list(zip(args.images, predictions, strict=True))
+    if args.json:
+        # ASCII: valid JSON whatever the output encoding.
+        print(json.dumps([{"file": json_name(path), **pred.to_dict()} for path, pred in pairs], indent=2))
+    else:
+        print("\n".join(format_text(path, pred) for path, pred in pairs))
+    return 0
+
+
+def run_report(args: argparse.Namespace) -> int:
+    # Imported here: only `report` needs DVC and the plot renderer.
+    from oracle_mnist.report import write_report
+
+    print(display_name(write_report(args.repo, args.base, args.head, args.out, args.image_url_prefix)))
+    return 0
+
+
 @exit_on_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    predictor = Predictor.from_file(args.model, args.backend)
-    predictions = predict_files(predictor, args.images, args.top_k, args.max_pixels)
-    if args.json:
-        rows = [
-            {"file": str(path), **pred.to_dict()} for path, pred in zip(args.images, predictions, strict=True)
-        ]
-        print(json.dumps(rows, indent=2, ensure_ascii=False))
-    else:
-        print("\n".join(format_text(path, pred) for path, pred in zip(args.images, predictions, strict=True)))
-    return 0
+    # A character the output encoding lacks is escaped, never a UnicodeEncodeError after the work is done.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    return args.run(args)
 
 
 if __name__ == "__main__":

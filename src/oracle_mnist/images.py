@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     import torch
 
 
+# The decoder's ceiling for files a user or the data chose (the CLI, and the default of the params' max_pixels):
+# refuses decompression bombs from the header. The API's is lower (ORACLE_MNIST_MAX_PIXELS).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
 class BadImageError(OracleMnistError):
     """An input that is not a readable image: empty, not an image format, truncated or corrupt."""
 
@@ -142,7 +147,7 @@ def to_gray(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def _row_bands(img: Image.Image, pixels: int = 2**20) -> Iterator[tuple[slice, Image.Image]]:
+def _row_bands(img: Image.Image, pixels: int = 2**18) -> Iterator[tuple[slice, Image.Image]]:
     """(rows, that band of `img`) for bands of about `pixels` pixels, top to bottom."""
     width, height = img.size
     step = max(1, pixels // width)

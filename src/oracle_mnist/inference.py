@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from PIL import Image
 
 from oracle_mnist.config import characters_of as characters_of
 from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.images import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS
 
 # The decoder and its errors are re-exported: cli and api reach the library through this module only.
 from oracle_mnist.images import BadImageError as BadImageError
@@ -39,6 +41,8 @@ ONNX_META_KEY = "oracle_mnist.meta"
 # What the HTTP API decodes: common raster formats whose Pillow decoders are self-contained (no EPS, which
 # runs Ghostscript, nor the rarer scientific formats). The CLI accepts anything Pillow reads.
 SERVED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# Largest local file `read_image_file` reads (a 40 Mpx uncompressed RGBA image is 160 MB).
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
 # Images per forward pass when classifying many files: bounds memory, not results.
 BATCH_SIZE = 256
 # Untrusted images are decoded and converted in two lanes of bounded concurrency, chosen by the pixel count in
@@ -89,17 +93,40 @@ class Prediction:
         }
 
 
-def read_image_file(path: str | Path, max_pixels: int) -> Image.Image:
-    path = Path(path)
+def read_image_file(
+    path: str | Path, max_pixels: int, max_bytes: int = DEFAULT_MAX_FILE_BYTES, name: str | None = None
+) -> Image.Image:
+    """Decode a local image file: only a regular file (a FIFO would block, a device never end), read no
+    further than `max_bytes`. Errors name `name` (default: the path)."""
+    name = str(path) if name is None else name
     try:
-        data = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below like any non-file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
-        raise BadImageError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise BadImageError(f"{path}: is a directory, not an image file") from None
+        raise BadImageError(f"{name}: no such file") from None
     except OSError as exc:
-        raise BadImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    return open_image(data, str(path), max_pixels)
+        raise BadImageError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = _read_regular(fd, name, max_bytes)
+    finally:
+        os.close(fd)
+    return open_image(data, name, max_pixels, max_bytes)
+
+
+def _read_regular(fd: int, name: str, max_bytes: int) -> bytes:
+    info = os.fstat(fd)
+    if stat.S_ISDIR(info.st_mode):
+        raise BadImageError(f"{name}: is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or special file"
+        raise BadImageError(f"{name}: is {kind}, not a regular file")
+    if info.st_size > max_bytes:
+        raise ImageTooLargeError(f"{name}: file is larger than the limit of {max_bytes} bytes")
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(max_bytes + 1)  # the file may have grown since fstat; open_image refuses that
+    except OSError as exc:
+        raise BadImageError(f"{name}: cannot read: {exc.strerror or exc}") from None
 
 
 def _torch_runner(model: torch.nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
