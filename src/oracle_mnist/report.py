@@ -10,7 +10,6 @@ wait minutes on an unreachable remote and then report nothing).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import re
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from oracle_mnist.errors import OracleMnistError, exit_on_error
+from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import atomic_dir
 
 WORKSPACE = "workspace"
@@ -213,25 +212,3 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
                 lines += ["", "Plots DVC could not read:", "", "```", json.dumps(errors, indent=1), "```"]
             (staging / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
     return out / "report.md"
-
-
-@exit_on_error
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="oracle-mnist report",
-        description="Write a markdown report (metrics diff, params diff, plots as PNG) comparing two revisions.",
-    )
-    parser.add_argument("base", help="the revision to compare against, e.g. main or a commit")
-    parser.add_argument("head", nargs="?", help="the revision to report on (default: the workspace)")
-    parser.add_argument("-o", "--out", type=Path, default=Path("report"), help="output folder (replaced)")
-    parser.add_argument("--repo", type=Path, default=Path.cwd(), help="the DVC repository (default: here)")
-    parser.add_argument(
-        "--image-url-prefix", default="", help="prefix for image links instead of the relative images/"
-    )
-    args = parser.parse_args(argv)
-    path = write_report(args.repo, args.base, args.head, args.out, args.image_url_prefix)
-    print(path)
-
-
-if __name__ == "__main__":
-    main()
