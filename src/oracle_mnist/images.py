@@ -16,15 +16,16 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
 
+from oracle_mnist.config import DataConfig
 from oracle_mnist.errors import OracleMnistError
 
 if TYPE_CHECKING:
     import torch
 
 
-# The decoder's ceiling for files a user or the data chose (the CLI, and the default of the params' max_pixels):
-# refuses decompression bombs from the header. The API's is lower (ORACLE_MNIST_MAX_PIXELS).
-DEFAULT_MAX_PIXELS = 40_000_000
+# The decoder's ceiling for files a user or the data chose: params' data.max_pixels default, also the CLI's.
+# Refuses decompression bombs from the header. The API's is lower (ORACLE_MNIST_MAX_PIXELS).
+DEFAULT_MAX_PIXELS = DataConfig.max_pixels
 
 
 class BadImageError(OracleMnistError):
