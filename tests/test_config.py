@@ -61,3 +61,32 @@ def test_load_params_names_the_file(tmp_path: Path):
         load_params(path)
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_every_setting_is_in_params_or_the_docs_settings_table():
+    """params.yaml holds the main knobs only; every other key must be documented with its default."""
+    import dataclasses
+    import typing
+
+    from oracle_mnist import config
+
+    def keys(cls: type, prefix: str = "") -> list[str]:
+        out = []
+        for f in dataclasses.fields(cls):
+            hint = typing.get_type_hints(cls)[f.name]
+            out += keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
+        return out
+
+    docs = (REPO / "docs/pipeline.md").read_text(encoding="utf-8")
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+
+    def in_params(key: str) -> bool:
+        node = params
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = [k for k in keys(config.Params) if not in_params(k) and f"| `{k}` |" not in docs]
+    assert not missing, f"settings neither in params.yaml nor in docs/pipeline.md's table: {missing}"
