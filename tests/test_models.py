@@ -22,6 +22,7 @@ META = ModelMeta(
     params_hash="p" * 64,
     metrics={"val_acc": 0.9},
     epoch=3,
+    temperature=1.7,
 )
 
 
@@ -118,6 +119,12 @@ def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
         ({"class_names": ("a", "a")}, "class_names: names repeat"),
         ({"model_name": ""}, "model_name: expected a model name"),
         ({"epoch": -1}, "epoch: expected a non-negative integer"),
+        ({"temperature": 0.0}, "temperature: expected a finite number above 0, got 0.0"),
+        ({"temperature": -2.0}, "temperature: expected a finite number above 0"),
+        ({"temperature": float("nan")}, "temperature: expected a finite number above 0, got nan"),
+        ({"temperature": float("inf")}, "temperature: expected a finite number above 0, got inf"),
+        ({"temperature": True}, "temperature: expected a finite number above 0, got True"),
+        ({"temperature": "2"}, "temperature: expected a finite number above 0, got '2'"),
     ],
 )
 def test_model_meta_refuses_unusable_values(changes, message):
@@ -144,9 +151,24 @@ def test_model_meta_from_dict_names_the_source():
         (None, {"std": float("nan")}, r"model metadata: std: expected a finite number, got nan"),
         (None, {"mean": float("-inf")}, r"model metadata: mean: expected a finite number"),
         (None, {"std": 0.0}, r"model metadata: std: must be positive, got 0.0"),
+        (None, {"temperature": -1.0}, r"model metadata: temperature: expected a finite number above 0"),
     ],
 )
 def test_load_model_refuses_a_broken_model(tmp_path, model_file, weight, meta, message):
     broken = broken_model_copy(model_file, tmp_path / "broken.pt", weight, **meta)
     with pytest.raises(OracleMnistError, match=f"^{tmp_path / 'broken.pt'}: {message}"):
         load_model(broken)
+
+
+def test_a_model_file_from_before_calibration_loads_with_temperature_1(tmp_path, model_file):
+    payload = torch.load(model_file, weights_only=True)
+    payload["meta"] = {**payload["meta"], "temperature": 2.5}
+    with open(tmp_path / "t.pt", "wb") as fh:
+        torch.save(payload, fh)
+    assert load_model(tmp_path / "t.pt")[1].temperature == 2.5
+    del payload["meta"]["temperature"]
+    with open(tmp_path / "old.pt", "wb") as fh:
+        torch.save(payload, fh)
+    _, meta = load_model(tmp_path / "old.pt")
+    assert meta.temperature == 1.0
+    assert meta == replace(load_model(tmp_path / "t.pt")[1], temperature=1.0)

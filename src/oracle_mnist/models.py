@@ -40,6 +40,9 @@ class ModelMeta:
     params_hash: str
     metrics: dict[str, float] = field(default_factory=dict)
     epoch: int = 0
+    # Calibration: probabilities are softmax(logits / temperature), fitted on the validation split by train.
+    # Model files written before it existed have none and load as 1.0 (the plain softmax they served).
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         problems = _meta_problems(self)
@@ -89,6 +92,9 @@ def _meta_problems(meta: ModelMeta) -> list[str]:
         problems.append(f"metrics: expected a mapping, got {type(meta.metrics).__name__}")
     if not _is_int(meta.epoch) or meta.epoch < 0:
         problems.append(f"epoch: expected a non-negative integer, got {meta.epoch!r}")
+    t = meta.temperature
+    if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+        problems.append(f"temperature: expected a finite number above 0, got {t!r}")
     return problems
 
 
