@@ -79,6 +79,19 @@ def model_file(tmp_path_factory: pytest.TempPathFactory, sample_test_images: tup
 
 
 @pytest.fixture(scope="session")
+def calibrated_model_file(model_file: Path) -> Path:
+    """`model_file` with temperature 2 in its metadata: its served probabilities are softmax(logits / 2)."""
+    from dataclasses import replace
+
+    from oracle_mnist.models import load_model, save_model
+
+    model, meta = load_model(model_file)
+    path = model_file.with_name("calibrated.pt")
+    save_model(path, model, replace(meta, temperature=2.0))
+    return path
+
+
+@pytest.fixture(scope="session")
 def onnx_model_file(model_file: Path) -> Path:
     """`model_file` exported to ONNX by the export stage's library function."""
     from oracle_mnist.export import export_onnx

@@ -334,7 +334,8 @@ def test_real_server_closes_a_connection_whose_body_never_arrives(model_file: Pa
 def test_model_info_is_every_model_meta_field_and_the_serving_settings(client: TestClient, model_file: Path):
     meta = Predictor.from_file(model_file).meta
     info = client.get("/model").json()
-    assert set(info) == {f.name for f in fields(ModelMeta)} | {"characters", "backend", "limits"}
+    serving = {"characters", "backend", "limits", "min_confidence"}
+    assert set(info) == {f.name for f in fields(ModelMeta)} | serving
     assert {name: info[name] for name in ("mean", "std", "epoch")} == {
         "mean": meta.mean,
         "std": meta.std,
@@ -395,3 +396,70 @@ def test_mutated_images_never_get_a_5xx(client: TestClient, sample_test_images):
             resp.text,
         )
     assert statuses[200] > 0 and statuses[422] > 0  # both outcomes occur: the mutations do bite
+
+
+# --- calibrated probabilities and the minimum confidence -------------------------------------------------
+
+
+def glyph_files(glyphs: list[bytes], n: int) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [("files", (f"g{i}.png", data, "image/png")) for i, data in enumerate(glyphs[:n])]
+
+
+def test_probabilities_are_calibrated_by_the_model_temperature(
+    model_file: Path, calibrated_model_file: Path, glyphs
+):
+    plain = Predictor.from_file(model_file)
+    logits = plain.logits(plain.preprocess([Image.open(io.BytesIO(d)) for d in glyphs[:4]])).astype(
+        np.float64
+    )
+    scaled = logits / 2.0
+    want = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    with TestClient(create_app(Settings(model_path=calibrated_model_file, **SMALL_LIMITS))) as c:
+        assert c.get("/model").json()["temperature"] == 2.0
+        body = c.post("/predict", files=glyph_files(glyphs, 4), params={"top_k": 10}).json()
+    for pred, row in zip(body["predictions"], want, strict=True):
+        got = np.zeros(10)
+        got[[t["index"] for t in pred["top_k"]]] = [t["probability"] for t in pred["top_k"]]
+        np.testing.assert_allclose(got, row, rtol=1e-5, atol=1e-7)
+        assert (pred["index"], pred["probability"]) == (int(row.argmax()), pytest.approx(row.max()))
+
+
+def test_min_confidence_flags_unsure_answers_from_the_query_or_the_setting(model_file: Path, glyphs):
+    files = glyph_files(glyphs, 4)
+    with TestClient(create_app(Settings(model_path=model_file, **SMALL_LIMITS))) as c:
+        plain = c.post("/predict", files=files).json()["predictions"]
+        assert c.get("/model").json()["min_confidence"] == 0.0
+    assert [p["unsure"] for p in plain] == [False] * 4  # off by default
+    probabilities = sorted(p["probability"] for p in plain)
+    minimum = (probabilities[0] + probabilities[-1]) / 2
+    with TestClient(create_app(Settings(model_path=model_file, min_confidence=minimum, **SMALL_LIMITS))) as c:
+        assert c.get("/model").json()["min_confidence"] == minimum
+        by_setting = c.post("/predict", files=files).json()["predictions"]
+        by_query = c.post("/predict", files=files, params={"min_confidence": 0}).json()["predictions"]
+    assert [p["unsure"] for p in by_setting] == [p["probability"] < minimum for p in plain]
+    assert any(p["unsure"] for p in by_setting) and not all(p["unsure"] for p in by_setting)
+    assert [p["probability"] for p in by_setting] == [p["probability"] for p in plain]
+    assert not any(p["unsure"] for p in by_query)  # the query overrides the server's minimum
+
+
+@pytest.mark.parametrize("value", ["-0.5", "1", "2", "nan"])
+def test_min_confidence_outside_0_to_1_gets_a_422(client: TestClient, glyphs, value):
+    resp = client.post("/predict", files=glyph_files(glyphs, 1), params={"min_confidence": value})
+    assert resp.status_code == 422
+    assert resp.json()["detail"].startswith(
+        "min_confidence: expected a number from 0 (off) up to but not including 1, got "
+    )
+    resp = client.post("/predict", files=glyph_files(glyphs, 1), params={"min_confidence": "high"})
+    assert resp.status_code == 422 and resp.json()["detail"].startswith("min_confidence: ")
+
+
+def test_min_confidence_setting_from_the_environment_is_checked(model_file: Path):
+    assert Settings.from_env({"ORACLE_MNIST_MIN_CONFIDENCE": "0.6"}).min_confidence == 0.6
+    assert Settings.from_env({}).min_confidence == 0.0
+    for raw in ("1", "-0.1", "nan", "high", ""):
+        with pytest.raises(OracleMnistError, match=r"^ORACLE_MNIST_MIN_CONFIDENCE: expected a number from 0"):
+            Settings.from_env({"ORACLE_MNIST_MIN_CONFIDENCE": raw})
+    app = create_app(Settings(model_path=model_file, min_confidence=1.0))
+    with pytest.raises(OracleMnistError, match="min_confidence: expected a number"), TestClient(app):
+        pass

@@ -50,7 +50,8 @@ def test_json_lists_every_image_with_its_top_k(capsys, model_file: Path, image_f
     expected = Predictor.from_file(model_file).predict([Image.open(p) for p in image_files], top_k=3)
     assert [row["file"] for row in rows] == [str(p) for p in image_files]
     for row, pred in zip(rows, expected, strict=True):
-        assert set(row) == {"file", "index", "name", "probability", "top_k"}
+        assert set(row) == {"file", "index", "name", "probability", "unsure", "top_k"}
+        assert row["unsure"] is False  # no --min-confidence: nothing is flagged
         assert (row["index"], row["name"]) == (pred.index, pred.name)
         assert row["probability"] == pytest.approx(pred.probability)
         assert [t["index"] for t in row["top_k"]] == [i for i, _, _ in pred.top_k]
@@ -245,3 +246,56 @@ def test_a_broken_model_exits_1_and_prints_no_probability(capsys, tmp_path: Path
     code, out, err = run_main(capsys, "predict", str(image_files[0]), "--model", str(broken), "--json")
     assert (code, out) == (1, "")
     assert err.startswith(f"error: {broken}: weights are not finite")
+
+
+def softmax_rows(logits: np.ndarray, temperature: float) -> np.ndarray:
+    scaled = logits.astype(np.float64) / temperature
+    exp = np.exp(scaled - scaled.max(axis=1, keepdims=True))
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+def test_probabilities_are_calibrated_by_the_model_temperature(
+    capsys, model_file: Path, calibrated_model_file: Path, image_files: list[Path]
+):
+    plain = Predictor.from_file(model_file)
+    logits = plain.logits(plain.preprocess([Image.open(p) for p in image_files]))
+    args = ("predict", *map(str, image_files), "--json", "--top-k", "10")
+    rows = {}
+    for backend_file, temperature in ((model_file, 1.0), (calibrated_model_file, 2.0)):
+        code, out, _ = run_main(capsys, *args, "--model", str(backend_file))
+        assert code == 0
+        rows[temperature] = json.loads(out)
+        for row, want in zip(rows[temperature], softmax_rows(logits, temperature), strict=True):
+            got = np.zeros(10)
+            got[[t["index"] for t in row["top_k"]]] = [t["probability"] for t in row["top_k"]]
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+            assert row["probability"] == pytest.approx(want.max())
+    # One scalar: the class is the same, only how sure the model says it is changes.
+    assert [r["index"] for r in rows[1.0]] == [r["index"] for r in rows[2.0]]
+    assert [r["probability"] for r in rows[1.0]] != [r["probability"] for r in rows[2.0]]
+
+
+def test_min_confidence_flags_answers_below_it_unsure(capsys, model_file: Path, image_files: list[Path]):
+    args = ("predict", *map(str, image_files), "--model", str(model_file))
+    code, out, _ = run_main(capsys, *args, "--json")
+    probabilities = sorted(row["probability"] for row in json.loads(out))
+    # A minimum between the images' probabilities: those below it are unsure, the others not.
+    minimum = (probabilities[0] + probabilities[-1]) / 2
+    code, out, _ = run_main(capsys, *args, "--json", "--min-confidence", str(minimum))
+    rows = json.loads(out)
+    assert code == 0
+    assert [r["unsure"] for r in rows] == [r["probability"] < minimum for r in rows]
+    assert any(r["unsure"] for r in rows) and not all(r["unsure"] for r in rows)
+    code, out, _ = run_main(capsys, *args, "--min-confidence", str(minimum))
+    lines = out.splitlines()
+    assert [line.endswith(" unsure") for line in lines] == [r["unsure"] for r in rows]
+
+
+@pytest.mark.parametrize("value", ["-0.1", "1", "1.5", "nan", "inf"])
+def test_min_confidence_outside_0_to_1_is_an_error(capsys, model_file: Path, image_files, value):
+    code, out, err = run_main(
+        capsys, "predict", str(image_files[0]), "--model", str(model_file), "--min-confidence", value
+    )
+    assert (code, out) == (1, "")
+    assert err.startswith("error: --min-confidence: expected a number from 0 (off) up to but not including 1")
+    assert err.count("\n") == 1

@@ -77,6 +77,35 @@ def test_parity_check_fails_on_a_difference_over_the_tolerance(model_file: Path,
         check_parity(reference, stale, images)
 
 
+def test_the_temperature_round_trips_through_onnx_and_calibrates_its_probabilities(
+    calibrated_model_file: Path, tmp_path: Path, sample_test_images
+):
+    from oracle_mnist.export import export_onnx
+    from oracle_mnist.models import load_model
+
+    model, meta = load_model(calibrated_model_file)
+    export_onnx(model, meta, tmp_path / "calibrated.onnx")
+    by_onnx = Predictor.from_file(tmp_path / "calibrated.onnx", "onnx")
+    by_torch = Predictor.from_file(calibrated_model_file, "torch")
+    assert by_onnx.meta == by_torch.meta and by_onnx.meta.temperature == 2.0
+    images = sample_test_images[0][:16]
+    logits = by_onnx.logits(images).astype(np.float64) / 2.0
+    want = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want /= want.sum(axis=1, keepdims=True)
+    got = by_onnx.predict_features(images)
+    assert [p.probability for p in got] == pytest.approx(want.max(axis=1).tolist(), rel=1e-6)
+    assert [p.probability for p in got] == pytest.approx(
+        [p.probability for p in by_torch.predict_features(images)], abs=1e-4
+    )
+
+    # An ONNX file exported before the temperature existed serves the plain softmax, as it always did.
+    proto = onnx.load(str(tmp_path / "calibrated.onnx"))
+    (entry,) = [p for p in proto.metadata_props if p.key == ONNX_META_KEY]
+    entry.value = json.dumps({k: v for k, v in json.loads(entry.value).items() if k != "temperature"})
+    onnx.save_model(proto, str(tmp_path / "old.onnx"))
+    assert Predictor.from_file(tmp_path / "old.onnx", "onnx").meta.temperature == 1.0
+
+
 @pytest.mark.slow
 def test_export_stage_writes_the_onnx_model_and_its_parity(
     tmp_path: Path, model_file: Path, sample_test_images

@@ -12,6 +12,7 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_TOP_K            | 3 classes listed per image unless ?top_k= says   |
 | ORACLE_MNIST_THREADS          | 1 core per forward pass, as many passes as cores |
 | ORACLE_MNIST_BODY_TIMEOUT     | 60 s for a request body to arrive, else 408      |
+| ORACLE_MNIST_MIN_CONFIDENCE   | 0 (off): below it an answer is flagged "unsure"  |
 
 `GET /` is a page for people (static files shipped in the package, no CDN); `/docs` and `/redoc` serve their
 assets from the installed fastapi-offline package, so everything works without network access.
@@ -57,6 +58,7 @@ from oracle_mnist.inference import (
     Prediction,
     Predictor,
     characters_of,
+    check_min_confidence,
     return_freed_memory,
 )
 
@@ -86,6 +88,8 @@ class Settings:
     # Seconds from the request head to the last byte of its body (80 MiB at the default limits needs about
     # 11 Mbit/s): a client that declares a body and then sends it slowly or never cannot hold a connection.
     body_timeout: int = 60
+    # Answers whose (calibrated) probability is below this are flagged unsure; 0 flags none.
+    min_confidence: float = 0.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -103,11 +107,21 @@ class Settings:
                 raise OracleMnistError(f"{var}: expected a positive integer, got {raw!r}")
             limits[name] = int(raw)
         model = env.get(f"{ENV}MODEL") or DEFAULT_MODEL_PATHS[backend]
-        return cls(model_path=Path(model), backend=backend, **limits)
+        return cls(model_path=Path(model), backend=backend, min_confidence=_min_confidence(env), **limits)
 
     @property
     def max_body_bytes(self) -> int:
         return self.max_files * (self.max_file_bytes + PART_OVERHEAD_BYTES)
+
+
+def _min_confidence(env: Mapping[str, str]) -> float:
+    var = f"{ENV}MIN_CONFIDENCE"
+    raw = env.get(var, "0")
+    try:
+        return check_min_confidence(float(raw), var)
+    except ValueError:
+        # Not a number at all: refused by the same check, which names what was given.
+        return check_min_confidence(raw, var)  # type: ignore[arg-type]
 
 
 class ClassScore(BaseModel):
@@ -118,6 +132,10 @@ class ClassScore(BaseModel):
 
 class ImagePrediction(ClassScore):
     file: str
+    unsure: bool = Field(
+        description="the probability is below the minimum confidence (?min_confidence=, else the server's "
+        "ORACLE_MNIST_MIN_CONFIDENCE); always false when that minimum is 0, the default"
+    )
     top_k: list[ClassScore]
     input: str | None = Field(
         default=None,
@@ -147,6 +165,9 @@ class ServingInfo(BaseModel):
     )
     backend: str
     limits: dict[str, int]
+    min_confidence: float = Field(
+        description="the server's minimum confidence (0: nothing is flagged unsure)"
+    )
 
 
 # /model's body: every ModelMeta field, derived from the dataclass so the two cannot drift apart, and the above.
@@ -251,7 +272,11 @@ class BodyTimeoutError(Exception):
 
 
 def _classify(
-    predictor: Predictor, uploads: list[tuple[str, BinaryIO]], settings: Settings, top_k: int
+    predictor: Predictor,
+    uploads: list[tuple[str, BinaryIO]],
+    settings: Settings,
+    top_k: int,
+    min_confidence: float,
 ) -> tuple[list[Prediction], np.ndarray]:
     """Predictions and the uint8 (N, S, S) features they were made from."""
     features = []
@@ -259,7 +284,7 @@ def _classify(
         limits = (settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
         features.append(predictor.features_from(data, name, *limits))
     stacked = np.stack(features)
-    return predictor.predict_features(stacked, top_k), stacked
+    return predictor.predict_features(stacked, top_k, min_confidence), stacked
 
 
 def png_data_url(features: np.ndarray) -> str:
@@ -287,6 +312,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return_freed_memory()
             predictor = Predictor.from_file(resolved.model_path, resolved.backend, resolved.threads)
             predictor.check_top_k(resolved.top_k)
+            check_min_confidence(resolved.min_confidence)
         except OracleMnistError as exc:
             logger.error("oracle-mnist API cannot start: %s", exc)
             raise
@@ -337,6 +363,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             characters=characters_of(predictor.class_names),
             backend=predictor.backend,
             limits=limits,
+            min_confidence=current.min_confidence,
         )
 
     @app.post("/predict", response_model=PredictResponse, responses=errors)
@@ -344,6 +371,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request: Request,
         files: Annotated[list[UploadFile], File(description="one or more images of any format Pillow reads")],
         top_k: Annotated[int | None, Query(ge=1, description="classes listed per image")] = None,
+        min_confidence: Annotated[
+            float | None,
+            Query(
+                description="flag answers below this probability unsure, 0 <= p < 1 (default: the server's)"
+            ),
+        ] = None,
         include: Annotated[
             Literal["input"] | None,
             Query(description="input: add each image as the model saw it, a small PNG data URL"),
@@ -356,8 +389,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 413, f"files: {len(files)} files sent; the limit is {current.max_files} per request"
             )
         k = top_k if top_k is not None else current.top_k
+        minimum = min_confidence if min_confidence is not None else current.min_confidence
         try:
             predictor.check_top_k(k)
+            check_min_confidence(minimum)
         except OracleMnistError as exc:
             raise ApiError(422, str(exc)) from None
         uploads = []
@@ -367,7 +402,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # image at a time, never all of a request's files at once.
             uploads.append((name, upload.file))
         try:
-            predictions, features = await run_in_threadpool(_classify, predictor, uploads, current, k)
+            predictions, features = await run_in_threadpool(
+                _classify, predictor, uploads, current, k, minimum
+            )
         except ImageTooLargeError as exc:
             raise ApiError(413, str(exc)) from None
         except ModelOutputError as exc:

@@ -23,6 +23,7 @@ from oracle_mnist.inference import (
     DEFAULT_MODEL_PATHS,
     Prediction,
     Predictor,
+    check_min_confidence,
     read_image_file,
 )
 
@@ -74,6 +75,14 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
     predict.add_argument("--top-k", type=int, default=1, metavar="K", help="show the K most likely classes")
     predict.add_argument("--json", action="store_true", help="print a JSON list, one object per image")
+    predict.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="flag an answer 'unsure' when its (calibrated) probability is below P, 0 <= P < 1 "
+        "(default: 0, never)",
+    )
     predict.add_argument(
         "--model",
         type=Path,
@@ -129,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_text(path: Path | str, pred: Prediction) -> str:
-    lines = [f"{display_name(path)}: {pred.name} ({pred.index}) {pred.probability:.4f}"]
+    unsure = " unsure" if pred.unsure else ""
+    lines = [f"{display_name(path)}: {pred.name} ({pred.index}) {pred.probability:.4f}{unsure}"]
     if len(pred.top_k) > 1:
         lines += [
             f"  {rank}. {name} ({index}) {prob:.4f}" for rank, (index, name, prob) in enumerate(pred.top_k, 1)
@@ -143,9 +153,11 @@ def predict_files(
     top_k: int,
     max_pixels: int,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    min_confidence: float = 0.0,
 ) -> list[Prediction]:
     """Convert every file first (one image in memory at a time), then classify them in batches."""
     predictor.check_top_k(top_k)
+    check_min_confidence(min_confidence, "--min-confidence")
     features, problems = [], []
     for path in tqdm(paths, desc="reading", unit="img", disable=len(paths) < 100, file=sys.stderr):
         name = display_name(path)
@@ -157,12 +169,16 @@ def predict_files(
         raise OracleMnistError(
             f"{len(problems)} of {len(paths)} file(s) not classified:\n  " + "\n  ".join(problems)
         )
-    return predictor.predict_features(np.stack(features), top_k)
+    return predictor.predict_features(np.stack(features), top_k, min_confidence)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    # Checked before the model loads: a mistyped option should not wait for it.
+    check_min_confidence(args.min_confidence, "--min-confidence")
     predictor = Predictor.from_file(args.model, args.backend)
-    predictions = predict_files(predictor, args.images, args.top_k, args.max_pixels, args.max_file_bytes)
+    predictions = predict_files(
+        predictor, args.images, args.top_k, args.max_pixels, args.max_file_bytes, args.min_confidence
+    )
     pairs = list(zip(args.images, predictions, strict=True))
     if args.json:
         # ASCII: valid JSON whatever the output encoding.

@@ -77,20 +77,33 @@ class ModelOutputError(OracleMnistError):
 
 @dataclass(frozen=True)
 class Prediction:
-    """The most likely class of one image and the `k` most likely ones, best first."""
+    """The most likely class of one image and the `k` most likely ones, best first (calibrated
+    probabilities). `unsure`: the best probability is below the caller's minimum confidence (never with
+    the default minimum of 0)."""
 
     index: int
     name: str
     probability: float
     top_k: tuple[tuple[int, str, float], ...]
+    unsure: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,
             "name": self.name,
             "probability": self.probability,
+            "unsure": self.unsure,
             "top_k": [{"index": i, "name": n, "probability": p} for i, n, p in self.top_k],
         }
+
+
+def check_min_confidence(value: float, name: str = "min_confidence") -> float:
+    """A minimum confidence below which an answer is flagged unsure: 0 (off) up to, not including, 1."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise OracleMnistError(
+            f"{name}: expected a number from 0 (off) up to but not including 1, got {value!r}"
+        )
+    return float(value)
 
 
 def read_image_file(
@@ -296,19 +309,36 @@ class Predictor:
         probe = np.stack([np.full((size, size), level, dtype=np.uint8) for level in (0, 128, 255)])
         self.logits(probe)
 
-    def predict_features(self, features: np.ndarray, top_k: int = 1) -> list[Prediction]:
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """The one place logits become the probabilities anyone is shown: calibrated by the model's
+        temperature (a scalar: the most likely class is the same as without it)."""
+        return softmax(logits, self.meta.temperature)
+
+    def predict_features(
+        self, features: np.ndarray, top_k: int = 1, min_confidence: float = 0.0
+    ) -> list[Prediction]:
         k = self.check_top_k(top_k)
-        probs = softmax(self.logits(features))
+        minimum = check_min_confidence(min_confidence)
+        probs = self.probabilities(self.logits(features))
         names = self.class_names
         out = []
         for row in probs:
             best = np.argsort(-row, kind="stable")[:k]
             ranked = tuple((int(i), names[i], float(row[i])) for i in best)
             out.append(
-                Prediction(index=ranked[0][0], name=ranked[0][1], probability=ranked[0][2], top_k=ranked)
+                Prediction(
+                    index=ranked[0][0],
+                    name=ranked[0][1],
+                    probability=ranked[0][2],
+                    top_k=ranked,
+                    unsure=ranked[0][2] < minimum,
+                )
             )
         return out
 
-    def predict(self, images: Sequence[Image.Image], top_k: int = 1) -> list[Prediction]:
+    def predict(
+        self, images: Sequence[Image.Image], top_k: int = 1, min_confidence: float = 0.0
+    ) -> list[Prediction]:
         self.check_top_k(top_k)
-        return self.predict_features(self.preprocess(images), top_k)
+        check_min_confidence(min_confidence)
+        return self.predict_features(self.preprocess(images), top_k, min_confidence)
