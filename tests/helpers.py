@@ -81,9 +81,10 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return run(["git", *args], cwd=repo, check=check)
 
 
-def make_repo_copy(dest: Path, sample_dir: Path) -> Path:
+def make_repo_copy(dest: Path, sample_dir: Path, overrides: dict[str, Any] = TEST_PARAMS) -> Path:
     """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
-    params pointing at the real sample and shrunken by TEST_PARAMS, committed as its first commit."""
+    params pointing at `sample_dir` and changed by `overrides` (the shrunken TEST_PARAMS unless told),
+    committed as its first commit."""
     files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
     for rel in files:
         src = REPO / rel
@@ -91,7 +92,7 @@ def make_repo_copy(dest: Path, sample_dir: Path) -> Path:
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     (dest / "dvc.lock").unlink(missing_ok=True)
-    write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, TEST_PARAMS))
+    write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, overrides))
     git(dest, "init", "-q", "-b", "main")
     git(dest, "config", "user.email", "test@example.com")
     git(dest, "config", "user.name", "test")
