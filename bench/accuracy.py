@@ -23,7 +23,7 @@ from torch import nn
 from oracle_mnist import engine, metrics
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import read_idx_split, stratified_split
-from oracle_mnist.images import resize_batch, to_tensor
+from oracle_mnist.images import convert_batch, to_tensor
 from oracle_mnist.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,7 +87,7 @@ def main() -> None:
     )
 
     size = params.featurize.image_size
-    ours_x, ours_test = resize_batch(images, size), resize_batch(test_x, size)
+    ours_x, ours_test = convert_batch(images, size), convert_batch(test_x, size)
     train = (ours_x[train_idx], labels[train_idx])
     val = (ours_x[val_idx], labels[val_idx])
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)

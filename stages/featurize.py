@@ -10,7 +10,7 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, convert_scans, load_features, load_manifest, save_features
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, atomic_path
-from oracle_mnist.images import resize_batch, sample_grid
+from oracle_mnist.images import convert_batch, sample_grid
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
@@ -27,7 +27,8 @@ def main() -> None:
     for split in SPLITS:
         if params.data.format == "idx":
             images, labels = load_features(PREPARED / f"{split}.npz")
-            features[split] = (resize_batch(images, feat.image_size), labels)
+            # The idx images go through the very conversion uploads get: training and serving pixels match.
+            features[split] = (convert_batch(images, feat.image_size), labels)
         else:
             items = load_manifest(PREPARED / f"{split}.json", params.num_classes)
             images = convert_scans(

@@ -244,10 +244,66 @@ def enlarge(glyph: np.ndarray, factor: float) -> np.ndarray:
     return np.asarray(Image.fromarray(glyph).resize(size, Image.Resampling.BICUBIC))
 
 
-def tint(glyph: np.ndarray) -> np.ndarray:
-    """A grey glyph (light ink on dark) as dark brown ink on tan paper, RGB uint8."""
+def tint(glyph: np.ndarray, paper: np.ndarray = PAPER, ink_colour: np.ndarray = INK) -> np.ndarray:
+    """A grey glyph (light ink on dark) as dark ink on coloured paper (default: brown on tan), RGB uint8."""
     ink = np.asarray(glyph, dtype=np.float64)[..., None] / 255.0
-    return np.clip(PAPER * (1 - ink) + INK * ink, 0, 255).astype(np.uint8)
+    return np.clip(paper * (1 - ink) + ink_colour * ink, 0, 255).astype(np.uint8)
+
+
+# Paper colours a photographed rubbing or a scan may have: tan, grey, blue-grey, yellowed, pinkish.
+PAPERS = {
+    "tan": PAPER,
+    "grey": np.array([178.0, 178.0, 178.0]),
+    "blue-grey": np.array([190.0, 204.0, 216.0]),
+    "yellow": np.array([240.0, 228.0, 150.0]),
+    "pink": np.array([232.0, 200.0, 196.0]),
+}
+
+
+def noisy(rgb: np.ndarray, sigma: float = 10.0, seed: int = 0) -> np.ndarray:
+    """`rgb` with Gaussian noise of `sigma` grey levels, as a phone camera adds."""
+    rng = np.random.default_rng(seed)
+    return np.clip(rgb + rng.normal(0.0, sigma, rgb.shape), 0, 255).astype(np.uint8)
+
+
+def unevenly_lit(rgb: np.ndarray, darkest: float = 0.6) -> np.ndarray:
+    """`rgb` lit from the right: the light falls off linearly to `darkest` at the left edge (and a little
+    towards the top), as under a desk lamp."""
+    h, w = rgb.shape[:2]
+    light = np.linspace(darkest, 1.0, w)[None, :] * np.linspace(0.9, 1.0, h)[:, None]
+    return np.clip(rgb * (light[..., None] if rgb.ndim == 3 else light), 0, 255).astype(np.uint8)
+
+
+def on_sheet(
+    rgb: np.ndarray, shape: tuple[int, int], top: int, left: int, paper: np.ndarray = PAPER
+) -> np.ndarray:
+    """`rgb` (an RGB rendition drawn on `paper`) placed at (top, left) on a larger sheet of that paper."""
+    sheet = np.empty((*shape, 3), dtype=np.uint8)
+    sheet[:] = paper.astype(np.uint8)
+    sheet[top : top + rgb.shape[0], left : left + rgb.shape[1]] = rgb
+    return sheet
+
+
+def jpeg(pixels: np.ndarray, quality: int = 75) -> np.ndarray:
+    """`pixels` after a JPEG round trip at `quality` (its block artefacts and ringing)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf))
+
+
+def renditions(glyph: np.ndarray) -> dict[str, np.ndarray]:
+    """A 28x28 dataset glyph as the scans and photos a user may hold, each differing from the dataset's image
+    only in what the conversion normalises: the ground (tinted papers, noise, uneven light, JPEG) and the
+    glyph's place and scale on a larger sheet."""
+    big = enlarge(glyph, 5)
+    out = {f"tinted {name}": tint(big, paper) for name, paper in PAPERS.items()}
+    out["noisy"] = noisy(tint(big), 12.0)
+    out["uneven light"] = unevenly_lit(tint(big))
+    out["JPEG q60"] = jpeg(tint(big), 60)
+    out["off-centre, large sheet"] = on_sheet(tint(big), (420, 520), 30, 340)
+    out["small, wide margins"] = on_sheet(tint(enlarge(glyph, 2)), (320, 300), 150, 60)
+    return out
 
 
 def own_frame(glyph: np.ndarray) -> np.ndarray:

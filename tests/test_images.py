@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import INK, PAPERS, enlarge, on_sheet, renditions, tint
 from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.images import convert, glyph_is_dark, otsu_threshold, resize_batch, to_gray, to_tensor
+from oracle_mnist.images import convert, convert_batch, glyph_is_dark, otsu_threshold, to_gray, to_tensor
 
 
 def sample_images(sample_dir: Path) -> np.ndarray:
@@ -65,22 +66,75 @@ def test_glyph_darkness_is_judged_by_the_border():
     assert not glyph_is_dark(thick)
 
 
-def test_convert_negates_resizes_longest_edge_and_centres():
-    dark_on_light = Image.fromarray(cross(40, 20, ink=0, ground=255, half=4))
-    out = convert(dark_on_light, 10)
+def test_convert_negates_and_fills_the_square_with_the_glyph_box():
+    # A 40x20 sheet whose cross spans 38x18: the box's longest edge fills the 10 px square, centred.
+    out = convert(Image.fromarray(cross(40, 20, ink=0, ground=255, half=4)), 10)
     assert out.shape == (10, 10) and out.dtype == np.uint8
-    # 40x20 -> 10x5, padded with 0 to a centred square: two columns left, three right.
-    assert out[:, :2].max() == 0 and out[:, 7:].max() == 0
-    assert out[:, 4].min() > 200 and out[5, 3:6].min() > 200  # both bars, now bright
-    assert out[1, 2] < 30  # the ground, now dark
+    assert out[:, :2].max() == 0 and out[:, 8:].max() == 0  # 18/38 of 10 px wide, in the middle
+    assert out[0, 4:6].min() > 200 and out[-1, 4:6].min() > 200  # the vertical bar reaches both edges
+    assert out[4:6, 2:8].min() > 150 and out[1, 2] == 0  # the horizontal bar bright, the ground 0
     wide = convert(Image.fromarray(cross(20, 40, ink=0, ground=255, half=4)), 10)
-    assert wide[:2].max() == 0 and wide[7:].max() == 0 and wide[4].min() > 200
+    assert np.abs(wide.astype(int) - out.T).max() <= 8  # the same up to the resampling's rounding
 
 
-def test_convert_is_identity_on_the_real_sample_at_its_size(sample_dir: Path):
+def test_convert_of_an_empty_or_uniform_image_is_all_ground():
+    for img in (Image.new("L", (50, 40), 128), Image.new("RGB", (1, 1)), Image.new("L", (2, 300), 3)):
+        out = convert(img, 8)
+        assert out.shape == (8, 8) and out.max() == 0
+
+
+def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of each pair of images in two (N, S, S) stacks."""
+    x = a.reshape(len(a), -1).astype(np.float64)
+    y = b.reshape(len(b), -1).astype(np.float64)
+    x -= x.mean(axis=1, keepdims=True)
+    y -= y.mean(axis=1, keepdims=True)
+    return (x * y).sum(axis=1) / np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+
+
+def test_dataset_images_stay_close_to_what_they_are(sample_dir: Path):
+    """The dataset's own images already have a dark ground and a glyph filling the frame: the normalisation
+    moves them little (measured on the 400: median r 0.997, mean absolute difference 8 grey levels)."""
     images = sample_images(sample_dir)
-    same = [np.array_equal(convert(Image.fromarray(img), 28), img) for img in images]
-    assert sum(same) >= len(images) - 2  # the border rule misjudges one image in 2,400
+    converted = convert_batch(images, 28)
+    assert np.median(correlations(converted, images)) > 0.98
+    assert np.median(np.abs(converted.astype(int) - images).mean(axis=(1, 2))) < 12
+
+
+@pytest.mark.parametrize("kind", list(renditions(np.zeros((28, 28), np.uint8))))
+def test_each_rendition_converts_like_the_plain_image(sample_dir: Path, kind: str):
+    """Tinted papers, noise, uneven light, JPEG, an off-centre glyph on a large sheet and a small one: each
+    converts to nearly the array the plain 28x28 image does (measured on these 40: median r 0.987-0.995,
+    median mean absolute difference 5-9 grey levels; the paper's conversion alone: 23-115 levels off, and r
+    near 0 for the sheets)."""
+    images = sample_images(sample_dir)[:40]
+    plain = convert_batch(images, 28)
+    scans = np.stack([convert(Image.fromarray(renditions(g)[kind]), 28) for g in images])
+    assert np.median(correlations(scans, plain)) > 0.97, kind
+    assert np.median(np.abs(scans.astype(int) - plain).mean(axis=(1, 2))) < 12, kind
+
+
+def test_specks_far_from_the_glyph_do_not_move_the_box(sample_dir: Path):
+    images = sample_images(sample_dir)[:20]
+    plain = convert_batch(images, 28)
+    rng = np.random.default_rng(0)
+    specked = []
+    for glyph in images:
+        sheet = on_sheet(tint(enlarge(glyph, 4)), (260, 300), 60, 70)
+        for _ in range(6):  # dust: 2x2 dark dots scattered over the margins
+            y, x = int(rng.integers(0, 50)), int(rng.integers(0, 296))
+            sheet[y : y + 2, x : x + 2] = INK.astype(np.uint8)
+        specked.append(convert(Image.fromarray(sheet), 28))
+    assert np.median(correlations(np.stack(specked), plain)) > 0.97
+
+
+def test_ground_goes_to_zero_whatever_the_paper(sample_dir: Path):
+    """The plain image's zero padding stays 0 when it is paper of any colour (before: 30 to 77 levels)."""
+    glyph = sample_images(sample_dir)[3]
+    padding = glyph == 0
+    for paper in PAPERS.values():
+        out = convert(Image.fromarray(tint(glyph, paper)), 28)
+        assert np.median(out[padding]) == 0 and np.mean(out[padding]) < 8
 
 
 def test_convert_brings_back_an_enlarged_tinted_dark_on_light_copy(sample_dir: Path):
@@ -88,8 +142,8 @@ def test_convert_brings_back_an_enlarged_tinted_dark_on_light_copy(sample_dir: P
     big = Image.fromarray(255 - original).resize((150, 150), Image.Resampling.BICUBIC)
     tinted = np.asarray(big.convert("RGB"), dtype=np.float64) * np.array([0.9, 0.8, 0.6])
     out = convert(Image.fromarray(tinted.astype(np.uint8)), 28)
-    corr = np.corrcoef(out.ravel().astype(float), original.ravel().astype(float))[0, 1]
-    assert corr > 0.95
+    corr = np.corrcoef(out.ravel().astype(float), convert_batch(original[None], 28)[0].ravel().astype(float))
+    assert corr[0, 1] > 0.95
 
 
 def test_convert_refuses_bad_sizes():
@@ -97,34 +151,17 @@ def test_convert_refuses_bad_sizes():
         convert(Image.new("L", (4, 4)), 0)
 
 
-def pillow_bicubic(images: np.ndarray, size: int) -> np.ndarray:
-    return np.stack(
-        [np.asarray(Image.fromarray(i).resize((size, size), Image.Resampling.BICUBIC)) for i in images]
-    )
+def test_featurized_idx_images_are_the_served_conversion_exactly(sample_dir: Path):
+    images = sample_images(sample_dir)[:100]
+    for size in (28, 64):
+        featurized = convert_batch(images, size)
+        served = np.stack([convert(Image.fromarray(img), size) for img in images])
+        assert featurized.shape == (100, size, size) and np.array_equal(featurized, served)
 
 
-def test_resize_batch_is_pillow_bicubic_exactly(sample_dir: Path):
-    images = sample_images(sample_dir)
-    assert resize_batch(images, 28) is images
-    for size in (14, 32, 64, 224):
-        ours = resize_batch(images, size)
-        assert ours.shape == (400, size, size) and ours.dtype == np.uint8
-        assert np.array_equal(ours, pillow_bicubic(images, size)), size
-    wide = images[:10, 4:24, :]  # not square: stretched to the square, as before
-    assert np.array_equal(resize_batch(wide, 40), pillow_bicubic(wide, 40))
-
-
-def test_featurized_and_served_pixels_are_identical_at_the_default_size(sample_dir: Path):
-    images = sample_images(sample_dir)
-    served = np.stack([convert(Image.fromarray(img), 64) for img in images])
-    # The border rule judges one sample image dark-on-light and negates it; every other one must match.
-    same = [np.array_equal(a, b) for a, b in zip(resize_batch(images, 64), served, strict=True)]
-    assert same.count(False) == sum(glyph_is_dark(img) for img in images)
-
-
-def test_resize_batch_refuses_non_uint8():
+def test_convert_batch_refuses_non_uint8():
     with pytest.raises(OracleMnistError, match="expected uint8"):
-        resize_batch(np.zeros((2, 4, 4), dtype=np.float32), 8)
+        convert_batch(np.zeros((2, 4, 4), dtype=np.float32), 8)
 
 
 def test_to_tensor_shapes_and_values():

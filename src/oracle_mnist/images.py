@@ -1,8 +1,10 @@
-"""The paper's image conversion, shared unchanged by featurize (scans), training and serving.
+"""The image conversion, shared unchanged by featurize (scans and idx images), training and serving.
 
 Oracle-MNIST's 28x28 images were made from scans by: grayscale, negate when the glyph is darker than the
 ground (Otsu), bicubic resize of the longest edge, centred zero padding. `convert` is that pipeline for any
-image Pillow opens; `resize_batch` only rescales images that went through it already (the idx files);
+image Pillow opens, plus what the paper's scans left to chance and uploads do not: the ground's level (tint,
+grey paper, a lighting gradient) goes to 0, the ink to 255, and the glyph's box (not the sheet) fills the
+square. `convert_batch` runs it over the idx images, so training and serving pixels come from one function;
 `to_tensor` is the one normalisation every model input gets.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps
+from PIL import ExifTags, Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 
 from oracle_mnist.config import DataConfig
 from oracle_mnist.errors import OracleMnistError
@@ -206,7 +208,10 @@ def glyph_is_dark(gray: np.ndarray) -> bool:
 
 
 def convert(img: Image.Image, size: int) -> np.ndarray:
-    """Any image -> uint8 (size, size), white glyph on black, longest edge `size`, centred."""
+    """Any image -> uint8 (size, size), white glyph on black ground 0, the glyph's box filling the square.
+
+    The one conversion of scans, uploads and (through `convert_batch`) the idx images: see `convert_gray`.
+    """
     if size < 1:
         raise OracleMnistError(f"image size must be positive, got {size}")
     try:
@@ -218,34 +223,190 @@ def convert(img: Image.Image, size: int) -> np.ndarray:
         raise OracleMnistError(f"cannot read image ({img.mode}, {img.size}): {exc}") from exc
     if gray.size == 0:
         raise OracleMnistError("empty image (0 pixels)")
-    if glyph_is_dark(gray):
-        gray = 255 - gray
-    h, w = gray.shape
-    scale = size / max(h, w)
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(Image.fromarray(gray).resize((new_w, new_h), Image.Resampling.BICUBIC))
-    out = np.zeros((size, size), dtype=np.uint8)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
+    return convert_gray(gray, size)
 
 
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W) uint8 -> (N, size, size) uint8 by Pillow's bicubic; no-op at the same size.
+def convert_gray(gray: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W) luminance -> uint8 (size, size): the paper's steps, plus what its scans left to chance.
 
-    Image by image, the very resize `convert` applies, so training and serving pixels are identical at every
-    size. A vectorised copy of the filter was faster but up to 2 grey levels off; this way the full dataset's
-    30,222 images take under a second at 64 px (bench/featurize.py).
+    On a working copy of at most WORK_SIDE pixels a side: the polarity (Otsu and the border), the ground
+    (a plane fitted to the low cells, so a tint, a grey paper or a lighting gradient all go to 0), and the
+    glyph's box (Otsu foreground of the flattened copy, trimmed so specks do not count). Then the square
+    around that box is cut from the full-size image and resized by Pillow's bicubic in one step, and only
+    that small square is flattened (ink / paper, as a flat-field correction) and stretched so the brightest
+    ink is 255. Parts of the square outside the image are ground: 0.
     """
+    full = Image.fromarray(gray)
+    work = _working_copy(full)
+    dark = glyph_is_dark(_detrended(work))
+    if dark:
+        work = 255 - work
+    flat = _flatten(
+        work.astype(np.float32), _ground_plane(work), *np.mgrid[0 : work.shape[0], 0 : work.shape[1]]
+    )
+    left, top, side = _glyph_square(flat)
+    scale_x, scale_y = gray.shape[1] / work.shape[1], gray.shape[0] / work.shape[0]
+    window = (left * scale_x, top * scale_y, (left + side) * scale_x, (top + side) * scale_y)
+    # The ground and the ink level are measured again on the square at the dataset's own 28 px, so an image
+    # and its enlarged, tinted or off-centre copy get the same ground and the same stretch.
+    canonical = _cut_square(full, window, CANONICAL_SIDE, dark)
+    ground = _ground_plane(canonical)
+    centres = np.arange(CANONICAL_SIDE, dtype=np.float32)
+    reference = _flatten(canonical, ground, centres[:, None], centres[None, :])
+    inside = reference[np.isfinite(reference)]
+    bright = max(MIN_BRIGHT, float(np.percentile(inside, 99.5))) if inside.size else MIN_BRIGHT
+    square = _cut_square(full, window, size, dark)
+    # Each output pixel's centre on the 28 px square, where the ground plane was fitted.
+    at = (np.arange(size, dtype=np.float32) + 0.5) * (CANONICAL_SIDE / size) - 0.5
+    out = _flatten(square, ground, at[:, None], at[None, :]) * (255.0 / bright)
+    return np.nan_to_num(np.clip(np.rint(out), 0, 255), nan=0.0).astype(np.uint8)
+
+
+def convert_batch(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W) uint8 -> (N, size, size) uint8: `convert_gray` image by image (the idx files' featurize),
+    so training and serving pixels come from the very same function."""
     if images.ndim != 3 or images.dtype != np.uint8:
         raise OracleMnistError(f"expected uint8 (N, H, W) images, got {images.dtype} {images.shape}")
     if size < 1:
         raise OracleMnistError(f"image size must be positive, got {size}")
-    if images.shape[1:] == (size, size):
-        return images
     out = np.empty((len(images), size, size), dtype=np.uint8)
     for i, image in enumerate(images):
-        out[i] = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+        out[i] = convert_gray(image, size)
+    return out
+
+
+# The ground and the glyph's box are estimated on a copy this size at most: the cost of that work is bounded
+# whatever the upload's size, and 256 px still resolves a glyph a quarter of the sheet wide at 64 px.
+WORK_SIDE = 256
+# The side of the square the ground and the ink level are measured on: the dataset's own.
+CANONICAL_SIDE = 28
+# Cells per side of the grid whose medians the ground plane is fitted to (fewer on tiny images).
+GROUND_CELLS = 8
+# The low percentile of each cell the ground plane is fitted to: the ground's own level (the dataset's
+# scans are textured), below the glyph.
+GROUND_PERCENTILE = 10
+# A blurred pixel above this share of the Otsu threshold (ink against ground) belongs to the glyph's box.
+CONTENT_SHARE = 0.3
+# Foreground mass trimmed from each side of the box before it grows back over contiguous foreground.
+BOX_TRIM = 0.01
+# The ink level a stretch may not go below: a faint or empty image is not blown up into noise.
+MIN_BRIGHT = 48.0
+
+
+def _working_copy(full: Image.Image) -> np.ndarray:
+    width, height = full.size
+    if max(width, height) <= WORK_SIDE:
+        return np.asarray(full)
+    scale = WORK_SIDE / max(width, height)
+    small = full.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
+    return np.asarray(small)
+
+
+def _detrended(work: np.ndarray) -> np.ndarray:
+    """`work` less the plane fitted to its border, so a lighting gradient cannot flip the polarity rule."""
+    h, w = work.shape
+    if h < 3 or w < 3:
+        return work
+    rows, cols = np.mgrid[0:h, 0:w]
+    edge = np.zeros((h, w), dtype=bool)
+    edge[[0, -1]] = True
+    edge[:, [0, -1]] = True
+    design = np.stack([np.ones(edge.sum()), rows[edge], cols[edge]], axis=1)
+    coef = np.linalg.lstsq(design, work[edge].astype(np.float64), rcond=None)[0]
+    tilt = coef[1] * (rows - (h - 1) / 2) + coef[2] * (cols - (w - 1) / 2)
+    return np.clip(np.rint(work - tilt), 0, 255).astype(np.uint8)
+
+
+def _ground_plane(work: np.ndarray) -> np.ndarray:
+    """(a, b, c) of the ground g(y, x) = a + b*y + c*x of a light-on-dark image (working coordinates).
+
+    Fitted to a low percentile of each cell of a grid, three times, each fit to the lower half of the cells
+    under the previous one, so cells the glyph or a frame's texture covers do not lift or tilt the ground."""
+    h, w = work.shape
+    cells = max(1, min(GROUND_CELLS, h // 3, w // 3))
+    ch, cw = h // cells, w // cells
+    top, left = (h - ch * cells) // 2, (w - cw * cells) // 2
+    block = work[top : top + ch * cells, left : left + cw * cells].reshape(cells, ch, cells, cw)
+    # Outside the image (NaN) counts as brighter than any ground: cells mostly outside drop out.
+    values = np.nan_to_num(block.transpose(0, 2, 1, 3).reshape(cells * cells, ch * cw), nan=1e6)
+    levels = np.percentile(values, GROUND_PERCENTILE, axis=1)
+    known = levels <= 255
+    if not known.any():
+        return np.zeros(3)
+    centres = np.arange(cells) + 0.5  # times the cell size, minus half a pixel: the cells' centres as indices
+    ys = np.repeat(top + centres * ch - 0.5, cells)
+    xs = np.tile(left + centres * cw - 0.5, cells)
+    if cells < 2 or known.sum() < 3:
+        return np.array([float(levels[known].min()), 0.0, 0.0])
+    levels, ys, xs = levels[known], ys[known], xs[known]
+    design = np.stack([np.ones_like(ys), ys, xs], axis=1)
+    keep = np.ones(len(levels), dtype=bool)
+    for _ in range(3):
+        coef = np.linalg.lstsq(design[keep], levels[keep], rcond=None)[0]
+        residual = levels - design @ coef
+        keep = residual <= np.median(residual)
+    # Lowered to the low cells: on the dataset's own images the ground is the zero padding, and stays so.
+    coef[0] += min(0.0, float(np.percentile(residual, 10)))
+    return coef
+
+
+def _flatten(image: np.ndarray, ground: np.ndarray, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+    """Light-on-dark float image -> ground 0, ink as the share of the paper's light it took (0..255)."""
+    level = np.clip(ground[0] + ground[1] * ys + ground[2] * xs, 0.0, 254.0)
+    return np.clip((image - level) * (255.0 / (255.0 - level)), 0.0, 255.0)
+
+
+def _glyph_square(flat: np.ndarray) -> tuple[float, float, float]:
+    """(left, top, side) of the square centred on the glyph's box, its side the box's longest edge; the whole
+    image (centred) when there is no foreground to speak of."""
+    h, w = flat.shape
+    side = float(max(h, w))
+    whole = ((w - side) / 2, (h - side) / 2, side)
+    pixels = flat.astype(np.uint8)
+    if pixels.max() < MIN_BRIGHT / 2:
+        return whole
+    # The box holds what differs from the ground at all (the glyph and the texture of the scan's own frame,
+    # as the dataset's frames do), judged after a 3x3 median: isolated noise goes, edges stay where they are.
+    smooth = np.asarray(Image.fromarray(pixels).filter(ImageFilter.MedianFilter(3)))
+    mask = smooth > CONTENT_SHARE * otsu_threshold(pixels)
+    if not mask.any():
+        return whole
+    x0, x1 = _extent(mask.sum(axis=0))
+    y0, y1 = _extent(mask.sum(axis=1))
+    side = float(max(x1 - x0, y1 - y0))
+    return (x0 + x1 - side) / 2, (y0 + y1 - side) / 2, side
+
+
+def _extent(counts: np.ndarray) -> tuple[int, int]:
+    """[start, stop) of a projection's foreground: the span holding all but BOX_TRIM of the mass at either end,
+    grown back over neighbouring non-empty rows/columns so a glyph's thin ends stay in and detached specks
+    stay out."""
+    cum = np.cumsum(counts)
+    total = cum[-1]
+    start = int(np.searchsorted(cum, BOX_TRIM * total, side="right"))
+    stop = int(np.searchsorted(cum, (1 - BOX_TRIM) * total, side="left")) + 1
+    while start > 0 and counts[start - 1] > 0:
+        start -= 1
+    while stop < len(counts) and counts[stop] > 0:
+        stop += 1
+    return start, stop
+
+
+def _cut_square(
+    full: Image.Image, window: tuple[float, float, float, float], size: int, dark: bool
+) -> np.ndarray:
+    """The `window` of `full` (full-size coordinates, may reach outside) resized to float32 (size, size) by
+    Pillow's bicubic, light on dark; NaN where the window lies outside the image."""
+    left, top, right, bottom = window
+    width, height = full.size
+    cut = (max(0.0, left), max(0.0, top), min(float(width), right), min(float(height), bottom))
+    step_x, step_y = (right - left) / size, (bottom - top) / size
+    col0, row0 = round((cut[0] - left) / step_x), round((cut[1] - top) / step_y)
+    cols = max(1, min(size - col0, round((cut[2] - left) / step_x) - col0))
+    rows = max(1, min(size - row0, round((cut[3] - top) / step_y) - row0))
+    part = np.asarray(full.resize((cols, rows), Image.Resampling.BICUBIC, box=cut), dtype=np.float32)
+    out = np.full((size, size), np.nan, dtype=np.float32)
+    out[row0 : row0 + rows, col0 : col0 + cols] = 255.0 - part if dark else part
     return out
 
 
