@@ -2,7 +2,8 @@
 
     python bench/featurize.py [--sample DIR] [--scans 1000]
 
-idx: images.resize_batch over the sample tiled to the full dataset's 30,222 images.
+idx: images.convert_batch (the conversion every upload gets) over the sample tiled to the full dataset's
+30,222 images.
 scans: datasets.convert_scans (decode + images.convert, all cores) over a temporary scans tree made from
 sample images: enlarged to 100-400 px, dark ink on tinted paper, PNG and JPEG.
 """
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from oracle_mnist.datasets import IDX_FILES, convert_scans, read_idx_split, workers
-from oracle_mnist.images import convert, resize_batch
+from oracle_mnist.images import convert, convert_batch
 
 # The tinted scans are the tests' rendition (tests/helpers.py); tests/ is not a package, so it goes on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -64,9 +65,9 @@ def main() -> None:
     full = np.resize(sample, (FULL_DATASET, 28, 28))
     for size in (32, 64):
         start = time.perf_counter()
-        resize_batch(full, size)
+        convert_batch(full, size, workers())
         print(
-            f"idx   28->{size:<3} resize_batch, {FULL_DATASET} images: {rate(FULL_DATASET, time.perf_counter() - start)}"
+            f"idx   28->{size:<3} convert_batch, {workers()} processes, {FULL_DATASET} images: {rate(FULL_DATASET, time.perf_counter() - start)}"
         )
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,9 @@
 """Regenerate the documentation's images (small PNGs under docs/images/):
 
 - conversion.png: real sample glyphs made to look like the dataset's original scans (enlarged, dark ink on a
-  light or tinted ground, off-centre, RGBA/palette/16-bit/CMYK), and what `oracle_mnist.images.convert`, the
-  one conversion featurize and serving share, makes of them;
+  light or tinted ground, off-centre, RGBA/palette/16-bit/CMYK; noisy, unevenly lit, small on a large sheet:
+  the tests' renditions), and what `oracle_mnist.images.convert`, the one conversion featurize and serving
+  share, makes of them;
 - plots/*.png: every plot `dvc plots show` has for the repository's current results, rendered offline.
 
 Run after `dvc repro` or `dvc pull`, from the repository root:
@@ -17,6 +18,7 @@ import io
 import json
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,10 @@ from oracle_mnist.errors import exit_on_error
 from oracle_mnist.images import convert
 from oracle_mnist.report import render_png, run_dvc, slug
 
+# The tests' scan renditions (tests/helpers.py): the figure shows the cases the tests and benches measure.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import renditions
+
 TILE = 84
 # (label, scale, ground colour, ink colour, Pillow mode): one of each situation a scan or an upload brings.
 RENDITIONS = [
@@ -38,6 +44,8 @@ RENDITIONS = [
     (5, 6.0, (255, 240, 240), (120, 0, 0), "CMYK"),
     (9, 2.5, (0, 0, 0), (20, 20, 60), "RGBA"),
 ]
+# (label, the tests' rendition): the ground and placement cases the conversion normalises.
+TEST_RENDITIONS = [(4, "noisy"), (6, "uneven light"), (7, "small, wide margins")]
 
 
 def scan_like(
@@ -88,6 +96,12 @@ def conversion_figure(sample: Path, out: Path) -> None:
     for i, (label, scale, ground, ink, mode) in enumerate(RENDITIONS):
         glyph = images[int(np.flatnonzero(labels == label)[0])]
         scan = scan_like(glyph, scale, ground, ink, mode, seed=i)
+        converted = Image.fromarray(convert(scan, 28)).resize((TILE, TILE), Image.Resampling.NEAREST)
+        original = Image.fromarray(glyph).resize((TILE, TILE), Image.Resampling.NEAREST)
+        columns.append((preview(scan), converted.convert("RGB"), original.convert("RGB")))
+    for label, kind in TEST_RENDITIONS:
+        glyph = images[int(np.flatnonzero(labels == label)[0])]
+        scan = Image.fromarray(renditions(glyph)[kind])
         converted = Image.fromarray(convert(scan, 28)).resize((TILE, TILE), Image.Resampling.NEAREST)
         original = Image.fromarray(glyph).resize((TILE, TILE), Image.Resampling.NEAREST)
         columns.append((preview(scan), converted.convert("RGB"), original.convert("RGB")))

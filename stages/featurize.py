@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from oracle_mnist.config import load_params
-from oracle_mnist.datasets import SPLITS, convert_scans, load_features, load_manifest, save_features
+from oracle_mnist.datasets import SPLITS, convert_scans, load_features, load_manifest, save_features, workers
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, atomic_path
 from oracle_mnist.images import convert_batch, sample_grid
@@ -28,7 +28,7 @@ def main() -> None:
         if params.data.format == "idx":
             images, labels = load_features(PREPARED / f"{split}.npz")
             # The idx images go through the very conversion uploads get: training and serving pixels match.
-            features[split] = (convert_batch(images, feat.image_size), labels)
+            features[split] = (convert_batch(images, feat.image_size, workers()), labels)
         else:
             items = load_manifest(PREPARED / f"{split}.json", params.num_classes)
             images = convert_scans(

@@ -35,6 +35,7 @@ from PIL import Image
 
 from oracle_mnist.datasets import IDX_FILES, load_features, read_idx_split, write_idx
 from oracle_mnist.fsutil import sha256_file
+from oracle_mnist.images import convert_batch
 
 # Every test here runs a stage script or dvc in a subprocess: the full suite's, not the edit loop's.
 pytestmark = pytest.mark.slow
@@ -164,7 +165,8 @@ def test_scans_pipeline_brings_scans_back_to_the_originals(repo_copy: Path, samp
     write_params(repo_copy, {"data": {"source": str(scans), "format": "scans"}})
     dvc(repo_copy, "repro", "featurize")
 
-    originals = {split: sample_split(sample_dir, split)[0] for split in ("train", "test")}
+    # What featurize makes of the sample's own images: the scans must come back to those.
+    originals = {split: convert_batch(sample_split(sample_dir, split)[0], 28) for split in ("train", "test")}
     by_mode: dict[str, list[float]] = {}
     shifted = []
     total = 0
