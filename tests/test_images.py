@@ -159,6 +159,12 @@ def test_featurized_idx_images_are_the_served_conversion_exactly(sample_dir: Pat
         assert featurized.shape == (100, size, size) and np.array_equal(featurized, served)
 
 
+def test_convert_batch_in_processes_is_the_same_conversion(sample_dir: Path):
+    images = sample_images(sample_dir)[:300]
+    doubled = np.concatenate([images, images[:, ::-1]])  # 600: enough to use the processes
+    np.testing.assert_array_equal(convert_batch(doubled, 28, workers=2), convert_batch(doubled, 28))
+
+
 def test_convert_batch_refuses_non_uint8():
     with pytest.raises(OracleMnistError, match="expected uint8"):
         convert_batch(np.zeros((2, 4, 4), dtype=np.float32), 8)
