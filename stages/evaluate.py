@@ -20,6 +20,11 @@ PER_CLASS_SCORES = Path("metrics/per_class.json")
 CONFUSION = Path("plots/confusion.json")
 PER_CLASS = Path("plots/per_class_accuracy.json")
 MISCLASSIFIED = Path("plots/misclassified.png")
+# The reliability diagram's two series, one file each (one DVC plot draws both).
+RELIABILITY = {
+    "uncalibrated": Path("plots/reliability_uncalibrated.json"),
+    "calibrated": Path("plots/reliability_calibrated.json"),
+}
 
 
 @stage_main
@@ -36,15 +41,19 @@ def main() -> None:
     logits = engine.predict_logits(
         model, to_tensor(images, meta.mean, meta.std), device, cfg.batch_size
     ).numpy()
-    report = metrics.evaluate(logits, labels, meta.class_names, cfg.ece_bins)
-    probs = metrics.softmax(logits)
+    report = metrics.evaluate(logits, labels, meta.class_names, cfg.ece_bins, meta.temperature)
+    # The probabilities served (calibrated by the model's temperature) and, for comparison, the plain softmax.
+    probs = metrics.softmax(logits, meta.temperature)
     preds = probs.argmax(axis=1)
+    series = {"uncalibrated": metrics.softmax(logits), "calibrated": probs}
 
     # Per-class scores go to their own file: in the metrics file each would be a `dvc exp show` column.
     write_json(PER_CLASS_SCORES, report.pop("per_class"))
     write_json(METRICS, report)
     write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
     write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
+    for name, path in RELIABILITY.items():
+        write_json(path, metrics.reliability_rows(series[name], labels, cfg.ece_bins, name))
     grid = figures.misclassified_grid(
         images, labels, preds, probs.max(axis=1), meta.class_names, max_images=cfg.max_misclassified
     )

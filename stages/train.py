@@ -5,17 +5,22 @@ Runs as `python stages/train.py` or, unchanged, as `torchrun --nproc_per_node=N 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
 from dvclive import Live
+from torch import nn
 
-from oracle_mnist import engine
+from oracle_mnist import engine, metrics
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
 from oracle_mnist.errors import OracleMnistError, stage_main
+from oracle_mnist.images import to_tensor
 from oracle_mnist.models import ModelMeta, build_model, save_model
 
 PARAMS = Path("params.yaml")
@@ -26,6 +31,8 @@ LIVE_DIR = Path("dvclive")
 # run-cache (treeverse/dvc#10412). Each run's checkpoints sit under a key of its params and data.
 CHECKPOINTS = Path("checkpoints/train")
 
+Split = tuple[np.ndarray, np.ndarray]
+
 
 def log_epoch(live: Live, stats: engine.EpochStats) -> None:
     live.step = stats.epoch
@@ -34,6 +41,21 @@ def log_epoch(live: Live, stats: engine.EpochStats) -> None:
     live.log_metric("val/acc", stats.val_acc)
     live.log_metric("lr", stats.lr)
     live.make_summary()
+
+
+def calibrate(model: nn.Module, val: Split, meta: ModelMeta, device: torch.device) -> float:
+    """The kept model's temperature, fitted on the validation split (the split that chose the epoch; the test
+    split stays unseen). In fp32 whatever train.amp says: it calibrates what evaluate and serving compute."""
+    logits = engine.predict_logits(model, to_tensor(val[0], meta.mean, meta.std), device).numpy()
+    temperature = metrics.fit_temperature(logits, val[1])
+    before = metrics.evaluate(logits, val[1], meta.class_names)
+    after = metrics.evaluate(logits, val[1], meta.class_names, temperature=temperature)
+    print(
+        f"temperature {temperature:g} fitted on {len(val[1])} validation images: "
+        f"loss {before['loss']:.4f} -> {after['loss']:.4f}, ECE {before['ece']:.4f} -> {after['ece']:.4f}",
+        file=sys.stderr,
+    )
+    return temperature
 
 
 def log_best(live: Live, best: engine.EpochStats) -> None:
@@ -88,6 +110,7 @@ def main() -> None:
             metrics={"val_acc": best.val_acc, "val_loss": best.val_loss, "train_loss": best.train_loss},
             epoch=best.epoch,
         )
+        meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))
         save_model(MODEL, model, meta)
         engine.clear_checkpoints(checkpoints)
     engine.close_distributed(info)

@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from helpers import REPO, TEST_PARAMS, dvc, make_repo_copy, run, write_params
 from PIL import Image
 
 from oracle_mnist import engine
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
+from oracle_mnist.images import to_tensor
 from oracle_mnist.models import load_model
 
 # dvc repro, kill -9 and torchrun runs: the full suite's, not the edit loop's.
@@ -81,6 +83,24 @@ def test_repro_writes_self_contained_model_metrics_and_curves(pipeline: Path):
     )
 
 
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    scaled = logits.astype(np.float64) / temperature
+    top = scaled.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
+    return float((log_z - scaled[np.arange(len(labels)), labels]).mean())
+
+
+def test_train_stores_the_temperature_fitted_on_the_validation_split(pipeline: Path):
+    model, meta = load_model(pipeline / "models/model.pt")
+    images, labels = load_features(pipeline / "data/features/val.npz")
+    logits = engine.predict_logits(model, to_tensor(images, meta.mean, meta.std), torch.device("cpu")).numpy()
+    t = meta.temperature
+    assert t != 1.0
+    # The validation loss is at its minimum there: lower than the plain softmax's and than either side's.
+    assert _nll(logits, labels, t) < _nll(logits, labels, 1.0)
+    assert _nll(logits, labels, t) <= min(_nll(logits, labels, t * 1.02), _nll(logits, labels, t / 1.02))
+
+
 def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     report = json.loads((pipeline / "metrics/evaluate.json").read_text())
     # Only headline numbers are metrics (each is a `dvc exp show` column); per-class scores have their own file.
@@ -101,6 +121,17 @@ def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     with Image.open(pipeline / "plots/misclassified.png") as img:
         assert img.format == "PNG" and img.size[0] > 100
 
+    # The reliability diagram's points: every test image in one bin of each series, and the ECE they imply
+    # (the bins' |accuracy - confidence| weighted by their share) is the one reported, before and after.
+    for series, ece in (("uncalibrated", "ece_uncalibrated"), ("calibrated", "ece")):
+        rows = json.loads((pipeline / f"plots/reliability_{series}.json").read_text())
+        assert {r["probabilities"] for r in rows} == {series}
+        assert sum(r["images"] for r in rows) == 400
+        assert all(0 < r["confidence"] <= 1 and 0 <= r["accuracy"] <= 1 for r in rows)
+        implied = sum(r["images"] / 400 * abs(r["accuracy"] - r["confidence"]) for r in rows)
+        assert implied == pytest.approx(report[ece], abs=1e-5)
+    assert report["ece"] != report["ece_uncalibrated"]
+
 
 def test_dvc_plots_show_renders_every_declared_plot(pipeline: Path):
     shown = json.loads(dvc(pipeline, "plots", "show", "--json").stdout)["data"]
@@ -111,6 +142,15 @@ def test_dvc_plots_show_renders_every_declared_plot(pipeline: Path):
     assert '"actual"' in json.dumps(confusion) and '"predicted"' in json.dumps(confusion)
     curve = shown["dvclive/plots/metrics/val/acc.tsv"][0]["content"]
     assert curve["encoding"]["x"]["field"] == "step"
+    reliability = shown["Reliability (test)"][0]["content"]
+    points = reliability["data"]["values"]
+    assert {p["probabilities"] for p in points} == {"uncalibrated", "calibrated"}
+    files = {
+        name: json.loads((pipeline / name).read_text())
+        for name in ("plots/reliability_uncalibrated.json", "plots/reliability_calibrated.json")
+    }
+    assert len(points) == sum(len(rows) for rows in files.values())
+    assert '"confidence"' in json.dumps(reliability) and '"accuracy"' in json.dumps(reliability)
 
 
 def test_experiment_table_fits_a_wide_terminal(pipeline: Path):
