@@ -83,11 +83,12 @@ def test_conversion_figure_from_the_real_sample(sample_dir: Path, tmp_path: Path
     out = tmp_path / "conversion.png"
     make_images.conversion_figure(sample_dir, out)
     tile, pad = make_images.TILE, 4
+    columns = len(make_images.RENDITIONS) + len(make_images.TEST_RENDITIONS)
     with Image.open(out) as img:
-        assert img.size == (len(make_images.RENDITIONS) * (tile + pad) + pad, 3 * (tile + pad) + pad)
+        assert img.size == (columns * (tile + pad) + pad, 3 * (tile + pad) + pad)
         sheet = img.convert("L")
     # Each converted glyph (middle row) is light ink on a dark ground, like the originals (bottom row).
-    for c in range(len(make_images.RENDITIONS)):
+    for c in range(columns):
         x = pad + c * (tile + pad)
         converted = np.asarray(sheet.crop((x, pad + tile + pad, x + tile, pad + 2 * tile + pad)))
         assert converted[0, 0] < 128 and converted.max() > int(converted[0, 0]) + 100, c
