@@ -125,11 +125,13 @@ def test_idx_pipeline_end_to_end(repo_copy: Path, sample_dir: Path):
         assert images.shape[1:] == (28, 28)
         counts[split] = np.bincount(labels, minlength=10).tolist()
     assert counts == {"train": [180] * 10, "val": [20] * 10, "test": [40] * 10}
-    # At image_size 28 the features are the sample's own pixels, train and val together the sample's train.
+    # The features are the sample's images through the one conversion (the very pixels serving sees), train
+    # and val together the sample's train split.
     sample_train, _ = sample_split(sample_dir, "train")
     train, _ = load_features(repo_copy / "data" / "features" / "train.npz")
     val, _ = load_features(repo_copy / "data" / "features" / "val.npz")
-    assert sorted(map(bytes, np.concatenate([train, val]))) == sorted(map(bytes, sample_train))
+    expected = convert_batch(sample_train, 28)
+    assert sorted(map(bytes, np.concatenate([train, val]))) == sorted(map(bytes, expected))
     metrics = json.loads((repo_copy / "metrics" / "prepare.json").read_text())
     assert metrics["counts"]["val"]["total"] == 200 and metrics["counts"]["test"]["wood"] == 40
     assert metrics["inputs"]["train-images-idx3-ubyte.gz"]["sha256"] == sha256_file(
