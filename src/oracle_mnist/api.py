@@ -30,7 +30,7 @@ import contextlib
 import io
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, BinaryIO, Literal, get_type_hints
@@ -302,17 +302,42 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) + " (send images as multipart/form-data field 'files')"
 
 
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse, "description": text}
+    for code, text in (
+        (400, "malformed request"),
+        (411, "no Content-Length"),
+        (413, "too many files, a file too large, or an image with too many pixels"),
+        (422, "empty upload, not an image, truncated or corrupt image, or a bad field"),
+    )
+}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The app; `settings` default to the environment, read when the server starts."""
+    app = FastAPI(
+        title="oracle-mnist",
+        summary="Classify images of oracle-bone characters (Oracle-MNIST's 10 classes).",
+        lifespan=_lifespan(settings),
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(BodyLimit)
+    add_page_and_docs(app)
+    _add_error_handlers(app)
+    _add_info_routes(app)
+    _add_predict_route(app)
+    return app
+
+
+def _lifespan(settings: Settings | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Start-up: settings and model loaded and checked once, kept in `app.state`."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             resolved = settings or Settings.from_env()
-            return_freed_memory()
-            predictor = Predictor.from_file(resolved.model_path, resolved.backend, resolved.threads)
-            predictor.check_top_k(resolved.top_k)
-            check_min_confidence(resolved.min_confidence)
+            predictor = _load_predictor(resolved)
         except OracleMnistError as exc:
             logger.error("oracle-mnist API cannot start: %s", exc)
             raise
@@ -321,24 +346,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logger.info("serving %s (%s) from %s", predictor.meta.model_name, predictor.backend, predictor.path)
         yield
 
-    app = FastAPI(
-        title="oracle-mnist",
-        summary="Classify images of oracle-bone characters (Oracle-MNIST's 10 classes).",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-    )
-    app.add_middleware(BodyLimit)
-    add_page_and_docs(app)
-    errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse, "description": text}
-        for code, text in (
-            (400, "malformed request"),
-            (411, "no Content-Length"),
-            (413, "too many files, a file too large, or an image with too many pixels"),
-            (422, "empty upload, not an image, truncated or corrupt image, or a bad field"),
-        )
-    }
+    return lifespan
+
+
+def _load_predictor(settings: Settings) -> Predictor:
+    """The model, refused at start-up when the server's defaults do not fit it."""
+    return_freed_memory()
+    predictor = Predictor.from_file(settings.model_path, settings.backend, settings.threads)
+    predictor.check_top_k(settings.top_k)
+    check_min_confidence(settings.min_confidence)
+    return predictor
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refused request answers {"detail": ...}, FastAPI's own validation errors included."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -347,6 +368,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, _validation_message(exc))
+
+
+def _add_info_routes(app: FastAPI) -> None:
+    """`GET /health` and `GET /model`."""
 
     @app.get("/health", response_model=Health)
     async def health(request: Request) -> Health:
@@ -366,7 +391,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             min_confidence=current.min_confidence,
         )
 
-    @app.post("/predict", response_model=PredictResponse, responses=errors)
+
+def _add_predict_route(app: FastAPI) -> None:
+    """`POST /predict`: multipart images in, one prediction per image out."""
+
+    @app.post("/predict", response_model=PredictResponse, responses=ERROR_RESPONSES)
     async def predict(
         request: Request,
         files: Annotated[list[UploadFile], File(description="one or more images of any format Pillow reads")],
@@ -384,33 +413,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> PredictResponse:
         predictor: Predictor = request.app.state.predictor
         current: Settings = request.app.state.settings
-        if len(files) > current.max_files:
-            raise ApiError(
-                413, f"files: {len(files)} files sent; the limit is {current.max_files} per request"
-            )
-        k = top_k if top_k is not None else current.top_k
-        minimum = min_confidence if min_confidence is not None else current.min_confidence
-        try:
-            predictor.check_top_k(k)
-            check_min_confidence(minimum)
-        except OracleMnistError as exc:
-            raise ApiError(422, str(exc)) from None
-        uploads = []
-        for i, upload in enumerate(files):
-            name = upload.filename or f"files[{i}]"
-            # The spooled file itself (in memory up to 1 MB, then on disk): read in the decode lanes, one
-            # image at a time, never all of a request's files at once.
-            uploads.append((name, upload.file))
-        try:
-            predictions, features = await run_in_threadpool(
-                _classify, predictor, uploads, current, k, minimum
-            )
-        except ImageTooLargeError as exc:
-            raise ApiError(413, str(exc)) from None
-        except ModelOutputError as exc:
-            raise ApiError(500, str(exc)) from None
-        except OracleMnistError as exc:
-            raise ApiError(422, str(exc)) from None
+        k, minimum = _request_options(predictor, current, len(files), top_k, min_confidence)
+        uploads = _spooled_uploads(files)
+        predictions, features = await _classify_or_refuse(predictor, uploads, current, k, minimum)
         return PredictResponse(
             model=predictor.meta.model_name,
             backend=predictor.backend,
@@ -422,7 +427,51 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ],
         )
 
-    return app
+
+def _request_options(
+    predictor: Predictor, settings: Settings, n_files: int, top_k: int | None, min_confidence: float | None
+) -> tuple[int, float]:
+    """The request's top k and minimum confidence (the server's where it gives none), checked; refuses too
+    many files before any is read."""
+    if n_files > settings.max_files:
+        raise ApiError(413, f"files: {n_files} files sent; the limit is {settings.max_files} per request")
+    k = top_k if top_k is not None else settings.top_k
+    minimum = min_confidence if min_confidence is not None else settings.min_confidence
+    try:
+        predictor.check_top_k(k)
+        check_min_confidence(minimum)
+    except OracleMnistError as exc:
+        raise ApiError(422, str(exc)) from None
+    return k, minimum
+
+
+def _spooled_uploads(files: list[UploadFile]) -> list[tuple[str, BinaryIO]]:
+    """Each upload's name (its position where the client sent none) and its data."""
+    uploads = []
+    for i, upload in enumerate(files):
+        name = upload.filename or f"files[{i}]"
+        # The spooled file itself (in memory up to 1 MB, then on disk): read in the decode lanes, one
+        # image at a time, never all of a request's files at once.
+        uploads.append((name, upload.file))
+    return uploads
+
+
+async def _classify_or_refuse(
+    predictor: Predictor,
+    uploads: list[tuple[str, BinaryIO]],
+    settings: Settings,
+    top_k: int,
+    min_confidence: float,
+) -> tuple[list[Prediction], np.ndarray]:
+    """`_classify` off the event loop, its errors as the HTTP status they deserve."""
+    try:
+        return await run_in_threadpool(_classify, predictor, uploads, settings, top_k, min_confidence)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, str(exc)) from None
+    except ModelOutputError as exc:
+        raise ApiError(500, str(exc)) from None
+    except OracleMnistError as exc:
+        raise ApiError(422, str(exc)) from None
 
 
 def add_page_and_docs(app: FastAPI) -> None:
