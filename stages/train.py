@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -86,7 +85,9 @@ def main() -> None:
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
     data_hash = engine.digest_arrays(*train, *val)
-    params_hash = engine.digest_json({"model": params.model, "classes": params.classes, "train": asdict(cfg)})
+    params_hash = engine.digest_json(
+        {"model": params.model, "classes": params.classes, "train": cfg.model_dump()}
+    )
     run_key = engine.digest_json([params_hash, data_hash, info.world_size])
 
     live = Live(str(LIVE_DIR), save_dvc_exp=False, dvcyaml=None) if info.is_main else None

@@ -36,7 +36,7 @@ def test_wrong_type_is_named():
 def test_literal_choice_is_checked():
     raw = _raw()
     raw["data"]["format"] = "png"
-    with pytest.raises(ConfigError, match=r"data.format: 'png' is not one of \['idx', 'scans'\]"):
+    with pytest.raises(ConfigError, match=r"^data.format: expected 'idx' or 'scans', got 'png'$"):
         parse_params(raw)
 
 
@@ -45,6 +45,78 @@ def test_missing_required_key_is_named():
     del raw["model"]
     with pytest.raises(ConfigError, match=r"^model: missing"):
         parse_params(raw)
+
+
+def test_types_are_strict_but_an_int_is_a_float():
+    """YAML's "3" or true never becomes a number; `rotate: 10` is 10.0, as the params hash saw it before."""
+    for key, value, message in [
+        ("epochs", "3", r"^train.epochs: expected int, got '3'$"),
+        ("epochs", True, r"^train.epochs: expected int, got True$"),
+        ("lr", "0.1", r"^train.lr: expected float, got '0.1'$"),
+        ("amp", 1, r"^train.amp: expected bool, got 1$"),
+    ]:
+        raw = _raw()
+        raw["train"][key] = value
+        with pytest.raises(ConfigError, match=message):
+            parse_params(raw)
+    raw = _raw()
+    raw["train"]["augment"] = {"rotate": 10}
+    rotate = parse_params(raw).train.model_dump()["augment"]["rotate"]
+    assert type(rotate) is float and rotate == 10.0
+
+
+def test_nested_unknown_keys_list_the_known_ones_and_errors_are_joined():
+    raw = _raw()
+    raw["train"]["epoch"] = 3
+    raw["train"]["augment"] = {"rotat": 5, "scale": 1.5}
+    raw["classes"] = ["a", 3]
+    with pytest.raises(ConfigError) as caught:
+        parse_params(raw)
+    message = str(caught.value)
+    assert message.startswith("train") and "\n" not in message
+    assert "train: unknown key(s) ['epoch']; known: ['amp', 'augment', 'batch_size'," in message
+    assert (
+        "train.augment: unknown key(s) ['rotat']; known: ['erase_max_area', 'erase_prob', 'rotate',"
+        in message
+    )
+    assert "; classes[1]: expected str, got 3" in message
+    assert "; train.augment.scale: must be < 1.0, got 1.5" in message
+
+
+@pytest.mark.parametrize(
+    ("section", "changes", "message"),
+    [
+        ("data", {"val_fraction": 1.5}, r"^data.val_fraction: must be < 1.0, got 1.5$"),
+        ("data", {"download_timeout": 0}, r"^data.download_timeout: must be > 0.0, got 0$"),
+        ("train", {"warmup_epochs": 30}, r"^train.warmup_epochs: must be < epochs \(30\), got 30$"),
+        ("train", {"min_lr": 0.1}, r"^train.min_lr: must be <= lr \(0.002\), got 0.1$"),
+        ("train", {"batches_per_epoch": 0}, r"^train.batches_per_epoch: must be >= 1, got 0$"),
+        ("train", {"seed": -1}, r"^train.seed: must be >= 0, got -1$"),
+        ("train", {"label_smoothing": 1}, r"^train.label_smoothing: must be < 1.0, got 1$"),
+        ("evaluate", {"ece_bins": 0}, r"^evaluate.ece_bins: must be >= 1, got 0$"),
+    ],
+)
+def test_value_rules_name_the_key(section: str, changes: dict, message: str):
+    raw = _raw()
+    raw[section] = {**(raw.get(section) or {}), **changes}
+    with pytest.raises(ConfigError, match=message):
+        parse_params(raw)
+
+
+def test_a_section_that_is_not_a_mapping_is_named():
+    raw = _raw()
+    raw["data"] = ["idx"]
+    with pytest.raises(ConfigError, match=r"^data: expected a mapping, got list$"):
+        parse_params(raw)
+    with pytest.raises(ConfigError, match=r"^params: expected a mapping, got list$"):
+        parse_params([1])
+
+
+def test_params_are_frozen_and_hashable():
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(ValueError, match="frozen"):
+        params.train.epochs = 1  # type: ignore[misc]
+    assert isinstance(params.classes, tuple) and hash(params) == hash(load_params(REPO / "params.yaml"))
 
 
 def test_duplicate_classes_rejected():
@@ -65,16 +137,15 @@ def test_load_params_names_the_file(tmp_path: Path):
 
 def test_every_setting_is_in_params_or_the_docs_settings_table():
     """params.yaml holds the main knobs only; every other key must be documented with its default."""
-    import dataclasses
-    import typing
+    from pydantic import BaseModel
 
     from oracle_mnist import config
 
-    def keys(cls: type, prefix: str = "") -> list[str]:
+    def keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
         out = []
-        for f in dataclasses.fields(cls):
-            hint = typing.get_type_hints(cls)[f.name]
-            out += keys(hint, f"{prefix}{f.name}.") if dataclasses.is_dataclass(hint) else [prefix + f.name]
+        for name, f in cls.model_fields.items():
+            nested = isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+            out += keys(f.annotation, f"{prefix}{name}.") if nested else [prefix + name]
         return out
 
     docs = (REPO / "docs/pipeline.md").read_text(encoding="utf-8")

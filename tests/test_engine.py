@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,15 +67,24 @@ def test_lr_factor_warms_up_linearly_then_follows_cosine_to_min():
 def test_augmenter_without_moves_is_identity_and_fills_with_background():
     x = torch.rand(4, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
-    off = engine.Augmenter(AugmentConfig(0, 0, 0, 0, 0, 0), background=-1.0)
+    off = engine.Augmenter(
+        AugmentConfig(rotate=0, translate=0, scale=0, shear=0, erase_prob=0, erase_max_area=0),
+        background=-1.0,
+    )
     torch.testing.assert_close(off.apply(x, *off.draw(4, gen)), x, atol=1e-5, rtol=0)
 
     # A pure shift moves content out at one edge and brings background, not zeros, in at the other.
-    shift = engine.Augmenter(AugmentConfig(0, 0.25, 0, 0, 0, 0), background=-1.0)
+    shift = engine.Augmenter(
+        AugmentConfig(rotate=0, translate=0.25, scale=0, shear=0, erase_prob=0, erase_max_area=0),
+        background=-1.0,
+    )
     out = shift.apply(torch.full((64, 1, 28, 28), 3.0), *shift.draw(64, gen))
     assert (out == -1.0).any() and out.min() >= -1.0 - 1e-5
 
-    erase = engine.Augmenter(AugmentConfig(0, 0, 0, 0, 1.0, 0.15), background=-1.0)
+    erase = engine.Augmenter(
+        AugmentConfig(rotate=0, translate=0, scale=0, shear=0, erase_prob=1.0, erase_max_area=0.15),
+        background=-1.0,
+    )
     out = erase.apply(torch.full((8, 1, 28, 28), 3.0), *erase.draw(8, gen))
     erased = (out == -1.0).float().mean(dim=(1, 2, 3))
     assert ((erased > 0) & (erased <= 0.2)).all()
@@ -128,7 +136,7 @@ def test_fit_resumes_from_last_checkpoint_with_identical_result(sample, referenc
 
 
 def test_checkpoint_with_other_fingerprint_is_ignored(sample, tmp_path):
-    short = replace(TINY, epochs=2, warmup_epochs=1)
+    short = TINY.model_copy(update={"epochs": 2, "warmup_epochs": 1})
     _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="other")
     seen: list[int] = []
     _fit(sample, short, checkpoint_dir=tmp_path, fingerprint="mine", on_epoch=lambda s: seen.append(s.epoch))
@@ -184,7 +192,7 @@ def test_training_state_round_trips_through_its_one_state_dict(sample):
 
 
 def test_checkpoint_of_the_format_before_training_state_is_ignored(sample, tmp_path, capsys):
-    short = replace(TINY, epochs=2, warmup_epochs=1)
+    short = TINY.model_copy(update={"epochs": 2, "warmup_epochs": 1})
 
     def stop_at_two(stats: engine.EpochStats) -> None:
         if stats.epoch == 2:
@@ -204,7 +212,7 @@ def test_checkpoint_of_the_format_before_training_state_is_ignored(sample, tmp_p
 
 def test_fit_rejects_batches_that_do_not_fit(sample):
     with pytest.raises(OracleMnistError, match="larger than the 256 training images"):
-        _fit(sample, replace(TINY, batch_size=512))
+        _fit(sample, TINY.model_copy(update={"batch_size": 512}))
     with pytest.raises(OracleMnistError, match="does not split evenly over 3 processes"):
         engine.fit(torch.nn.Linear(1, 1), *sample, 0.2, 0.3, TINY, device=CPU, info=engine.DistInfo(0, 3, 0))
 

@@ -1,15 +1,21 @@
-"""params.yaml -> frozen dataclasses: the one config source for stages, tests and serving."""
+"""params.yaml -> frozen pydantic models: the one config source for stages, tests and serving."""
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import ErrorDetails
 
 from oracle_mnist.errors import OracleMnistError
 
@@ -43,166 +49,170 @@ class ConfigError(OracleMnistError, ValueError):
     """A params file that is missing a key, has an unknown key or a value of the wrong type."""
 
 
-@dataclass(frozen=True)
-class DataConfig:
+class _Config(BaseModel):
+    # strict: "3" is not 3 and true is not 1 (strict mode still takes an int where a float is due, as YAML
+    # writes `rotate: 10`); forbid: a misspelt key fails instead of silently leaving the default in force.
+    model_config = ConfigDict(frozen=True, strict=True, extra="forbid")
+
+
+Positive = Annotated[int, Field(ge=1)]
+Device = Literal["auto", "cpu", "cuda", "mps"]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class DataConfig(_Config):
     source: str = OFFICIAL_SOURCE
     format: Literal["idx", "scans"] = "idx"
     seed: int = 42
-    val_fraction: float = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1
     # Scans only: the smallest accepted width/height, and the most pixels (read from the header before any
     # pixel is decompressed: decompression bombs are refused). These decide which raw files are accepted, so
     # they are data settings: changing featurize.image_size does not rerun prepare.
     min_side: int = 16
     max_pixels: int = 40_000_000
     # Seconds for one whole file, retries included: a server that trickles bytes cannot hold prepare for ever.
-    download_timeout: float = 600.0
+    download_timeout: Annotated[float, Field(gt=0)] = 600.0
     # Per file, checked as it streams: the largest official file is ~21 MB even uncompressed.
-    max_download_bytes: int = 100_000_000
-
-    def __post_init__(self) -> None:
-        if self.download_timeout <= 0 or self.max_download_bytes <= 0:
-            raise ConfigError("data.download_timeout and data.max_download_bytes: must be positive")
+    max_download_bytes: Positive = 100_000_000
 
 
-@dataclass(frozen=True)
-class FeaturizeConfig:
+class FeaturizeConfig(_Config):
     image_size: int = 64  # the side of the square the conversion writes; idx images (28 px) are upscaled
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
+class AugmentConfig(_Config):
     """Per-batch training augmentation suited to glyphs: small affine moves and occlusion, never flips."""
 
-    rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
-    translate: float = 0.1  # fraction of the image side
-    scale: float = 0.1  # zoom uniform in [1 - scale, 1 + scale]
-    shear: float = 5.0  # degrees
-    erase_prob: float = 0.25  # probability of one background-filled rectangle per image
-    erase_max_area: float = 0.15  # its largest area, as a fraction of the image
-
-    def __post_init__(self) -> None:
-        for name in ("rotate", "translate", "scale", "shear", "erase_prob", "erase_max_area"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.augment.{name}: must be >= 0, got {getattr(self, name)}")
-        if self.scale >= 1 or self.erase_prob > 1 or self.erase_max_area > 1:
-            raise ConfigError("train.augment: scale must be < 1, erase_prob and erase_max_area <= 1")
+    rotate: NonNegative = 10.0  # degrees, uniform in [-rotate, rotate]
+    translate: NonNegative = 0.1  # fraction of the image side
+    scale: Annotated[float, Field(ge=0, lt=1)] = 0.1  # zoom uniform in [1 - scale, 1 + scale]
+    shear: NonNegative = 5.0  # degrees
+    erase_prob: Fraction = 0.25  # probability of one background-filled rectangle per image
+    erase_max_area: Fraction = 0.15  # its largest area, as a fraction of the image
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 64  # global: split across processes under torchrun
-    lr: float = 0.002  # AdamW peak learning rate, reached after the warm-up
-    min_lr: float = 0.00001  # end of the cosine decay
-    warmup_epochs: int = 2
-    weight_decay: float = 0.05
-    label_smoothing: float = 0.1
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # auto: cuda, then mps, then cpu
+class TrainConfig(_Config):
+    epochs: Positive = 30
+    batch_size: Positive = 64  # global: split across processes under torchrun
+    lr: Annotated[float, Field(gt=0)] = 0.002  # AdamW peak learning rate, reached after the warm-up
+    min_lr: NonNegative = 0.00001  # end of the cosine decay
+    warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    weight_decay: NonNegative = 0.05
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    seed: Annotated[int, Field(ge=0)] = 0
+    device: Device = "auto"  # auto: cuda, then mps, then cpu
     amp: bool = True  # mixed precision, used on CUDA only
     pretrained: bool = False
     weights_file: str | None = None  # local pretrained weights (offline); None: timm's download
-    batches_per_epoch: int | None = None  # None: the whole training split each epoch
-    threads: int = 2  # torch CPU threads for training: fixed, so results do not depend on the core count
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    batches_per_epoch: Positive | None = None  # None: the whole training split each epoch
+    threads: Positive = 2  # torch CPU threads for training: fixed, so results do not depend on the core count
+    augment: AugmentConfig = AugmentConfig()
 
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "seed", "threads"):
-            if getattr(self, name) < (0 if name == "seed" else 1):
-                raise ConfigError(f"train.{name}: must be positive, got {getattr(self, name)}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ConfigError(f"train.warmup_epochs: must be in [0, epochs), got {self.warmup_epochs}")
-        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
-            raise ConfigError(
-                f"train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {self.lr}/{self.min_lr}"
-            )
-        if not 0 <= self.label_smoothing < 1 or self.weight_decay < 0:
-            raise ConfigError("train.label_smoothing must be in [0, 1) and train.weight_decay >= 0")
-        if self.batches_per_epoch is not None and self.batches_per_epoch < 1:
-            raise ConfigError(
-                f"train.batches_per_epoch: must be positive or null, got {self.batches_per_epoch}"
-            )
+    # Field validators see the fields declared above them (info.data), so these errors name the later field.
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup_within_run(cls, value: int, info: ValidationInfo) -> int:
+        if "epochs" in info.data and value >= info.data["epochs"]:
+            raise ValueError(f"must be < epochs ({info.data['epochs']}), got {value}")
+        return value
+
+    @field_validator("min_lr")
+    @classmethod
+    def _min_lr_within_lr(cls, value: float, info: ValidationInfo) -> float:
+        if "lr" in info.data and value > info.data["lr"]:
+            raise ValueError(f"must be <= lr ({info.data['lr']}), got {value}")
+        return value
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    batch_size: int = 256
-    ece_bins: int = 15  # equal-width confidence bins for the expected calibration error
-    max_misclassified: int = 36  # images in plots/misclassified.png
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "ece_bins", "max_misclassified"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"evaluate.{name}: must be positive, got {getattr(self, name)}")
+class EvaluateConfig(_Config):
+    batch_size: Positive = 256
+    ece_bins: Positive = 15  # equal-width confidence bins for the expected calibration error
+    max_misclassified: Positive = 36  # images in plots/misclassified.png
+    device: Device = "auto"
 
 
-@dataclass(frozen=True)
-class Params:
+def _tuple_of_list(value: Any) -> Any:
+    """YAML has lists, strict mode takes only tuples: the one conversion allowed (a tuple keeps Params hashable)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+class Params(_Config):
     model: str
-    classes: tuple[str, ...]
-    data: DataConfig = field(default_factory=DataConfig)
-    featurize: FeaturizeConfig = field(default_factory=FeaturizeConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    classes: Annotated[tuple[str, ...], BeforeValidator(_tuple_of_list)]
+    data: DataConfig = DataConfig()
+    featurize: FeaturizeConfig = FeaturizeConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value) or len(value) < 2:
+            raise ValueError(f"need two or more distinct names, got {list(value)}")
+        return value
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types by dotted name."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where or 'params'}: unknown key(s) {unknown}; known: {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, f in fields.items():
-        key = f"{where}.{name}" if where else name
-        if name not in raw:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{key}: missing")
-            continue
-        values[name] = _coerce(hints[name], raw[name], key)
-    return cls(**values)
+_TYPE_NAMES = {
+    "int_type": "int",
+    "float_type": "float",
+    "string_type": "str",
+    "bool_type": "bool",
+    "tuple_type": "a list",
+}
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(hint))}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(next(a for a in args if a is not type(None)), value, key)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(hint)[:1]
-        return tuple(_coerce(item, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
-    return value
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "params"
 
 
-def parse_params(raw: dict[str, Any]) -> Params:
-    params = _build(Params, raw, "")
-    if len(set(params.classes)) != len(params.classes) or len(params.classes) < 2:
-        raise ConfigError(f"classes: need two or more distinct names, got {list(params.classes)}")
-    if not 0.0 < params.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction: must be in (0, 1), got {params.data.val_fraction}")
-    return params
+def _problem(error: ErrorDetails) -> str:
+    """Pydantic's error in the loader's own words: what was expected and the value that was given."""
+    kind, value, ctx = error["type"], error["input"], error.get("ctx", {})
+    if kind == "missing":
+        return "missing"
+    if kind in _BOUNDS:
+        return f"must be {_BOUNDS[kind]} {next(iter(ctx.values()))}, got {value!r}"
+    if kind == "literal_error":
+        return f"expected {ctx['expected']}, got {value!r}"
+    if kind == "model_type":
+        return f"expected a mapping, got {type(value).__name__}"
+    if kind == "value_error":
+        return str(ctx["error"])
+    if kind in _TYPE_NAMES:
+        return f"expected {_TYPE_NAMES[kind]}, got {value!r}"
+    return error["msg"]
+
+
+def _unknown(loc: tuple[int | str, ...], keys: list[str]) -> str:
+    model: Any = Params
+    for part in loc:  # unknown keys only arise in mappings, and every mapping here is a model field
+        model = model.model_fields[part].annotation
+    return f"{_dotted(loc)}: unknown key(s) {sorted(keys)}; known: {sorted(model.model_fields)}"
+
+
+def _message(exc: ValidationError) -> str:
+    """One line: `<dotted.key>: <problem>` per error, unknown keys first (a typo explains a `missing`)."""
+    unknown: dict[tuple[int | str, ...], list[str]] = {}
+    problems = []
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            unknown.setdefault(error["loc"][:-1], []).append(str(error["loc"][-1]))
+        else:
+            problems.append(f"{_dotted(error['loc'])}: {_problem(error)}")
+    return "; ".join([_unknown(loc, keys) for loc, keys in unknown.items()] + problems)
+
+
+def parse_params(raw: Any) -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_message(exc)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

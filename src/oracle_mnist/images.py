@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 # The decoder's ceiling for files a user or the data chose: params' data.max_pixels default, also the CLI's.
 # Refuses decompression bombs from the header. The API's is lower (ORACLE_MNIST_MAX_PIXELS).
-DEFAULT_MAX_PIXELS = DataConfig.max_pixels
+DEFAULT_MAX_PIXELS = DataConfig.model_fields["max_pixels"].default
 
 
 class BadImageError(OracleMnistError):
