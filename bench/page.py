@@ -30,20 +30,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from helpers import SAMPLE_DIR, encode, enlarge, serve_in_subprocess, tint
+from helpers import CHROMIUM_FLAGS, SAMPLE_DIR, encode, enlarge, serve_in_subprocess, tint
 
 from oracle_mnist.datasets import IDX_FILES, read_idx_split
-
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-)
 
 DROP_AND_TIME = """
 const [b64, name, done] = [arguments[0], arguments[1], arguments[arguments.length - 1]];
@@ -67,7 +56,7 @@ document.querySelector('#drop').dispatchEvent(new DragEvent('drop', {dataTransfe
 def chromium(profile: Path) -> Any:
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+    for flag in (*CHROMIUM_FLAGS, f"--user-data-dir={profile}"):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 

@@ -101,6 +101,21 @@ def make_repo_copy(dest: Path, sample_dir: Path, overrides: dict[str, Any] = TES
     return dest
 
 
+# Debian's Chromium, headless, for the page's tests and bench: no sandbox (root), no GPU, and no connection
+# anywhere but 127.0.0.1 (background services would hammer the closed network; other hosts must not resolve,
+# so the page is proved to work offline).
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+)
+
+
 # --- servers on 127.0.0.1 -----------------------------------------------------------------------------------
 
 
