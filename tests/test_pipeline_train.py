@@ -184,8 +184,7 @@ def _experiments(node: Any) -> list[dict[str, Any]]:
     return found
 
 
-def test_changing_model_reruns_train_and_evaluate_only_and_back_gives_the_same_model(clone: Path):
-    first_model = (clone / "models/model.pt").read_bytes()
+def test_changing_model_reruns_train_and_evaluate_only(clone: Path):
     out = dvc(clone, "exp", "run", "-S", "model=mobilenetv3_small_100").stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'prepare'" not in out and "Running stage 'featurize'" not in out
@@ -199,11 +198,6 @@ def test_changing_model_reruns_train_and_evaluate_only_and_back_gives_the_same_m
     assert "accuracy" in exp["metrics"]["metrics/evaluate.json"]["data"]
     # The experiment table stays narrow: training curves and per-class scores are not metric columns.
     assert set(exp["metrics"]) == {"metrics/evaluate.json"}
-
-    # Back to the first model. Its training curves are kept in git (`cache: false`), and DVC's run-cache
-    # restores such outputs only while the workspace still holds them, so train runs again, to the same bytes.
-    dvc(clone, "exp", "run", "-S", "model=resnet10t")
-    assert (clone / "models/model.pt").read_bytes() == first_model
 
 
 def test_kill_9_mid_training_then_rerun_resumes_to_identical_outputs(clone: Path):
