@@ -176,3 +176,39 @@ def test_slug_is_file_name_safe() -> None:
     assert slug("plots/confusion.json") == "plots_confusion.json"
     assert slug("HEAD~1") == "HEAD_1"
     assert slug("refs/pull/7/merge") == "refs_pull_7_merge"
+
+
+def test_results_only_in_an_unfetched_cache_are_refused_at_once(tmp_path: Path):
+    """A revision whose metrics live only in DVC's cache (not in git, not fetched): an error naming the
+    revision and the files, before any `dvc` command could wait on a remote."""
+    from oracle_mnist.errors import OracleMnistError
+    from oracle_mnist.report import check_fetched, unfetched_results
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "t@example.com")
+    git(repo, "config", "user.name", "t")
+    (repo / "dvc.yaml").write_text(
+        "stages:\n  evaluate:\n    cmd: python e.py\n    outs:\n      - plots/in_git.json:\n"
+        "          cache: false\n    metrics:\n      - m.json\n",
+        encoding="utf-8",
+    )
+    (repo / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  evaluate:\n    cmd: python e.py\n    outs:\n"
+        "    - path: m.json\n      md5: 0123456789abcdef0123456789abcdef\n"
+        "    - path: plots/in_git.json\n      md5: fedcba9876543210fedcba9876543210\n",
+        encoding="utf-8",
+    )
+    (repo / "plots").mkdir()
+    (repo / "plots/in_git.json").write_text("[]", encoding="utf-8")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "results")
+    assert unfetched_results(repo, "HEAD") == ["m.json"]
+    with pytest.raises(OracleMnistError, match=r"revision HEAD: m\.json .*dvc fetch"):
+        check_fetched(repo, ["HEAD"])
+    # Once in the local cache, nothing is missing.
+    cached = repo / ".dvc/cache/files/md5/01/23456789abcdef0123456789abcdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("{}", encoding="utf-8")
+    assert unfetched_results(repo, "HEAD") == []
