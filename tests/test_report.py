@@ -189,6 +189,7 @@ def test_results_only_in_an_unfetched_cache_are_refused_at_once(tmp_path: Path):
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "t@example.com")
     git(repo, "config", "user.name", "t")
+    dvc(repo, "init", "-q")
     (repo / "dvc.yaml").write_text(
         "stages:\n  evaluate:\n    cmd: python e.py\n    outs:\n      - plots/in_git.json:\n"
         "          cache: false\n    metrics:\n      - m.json\n",

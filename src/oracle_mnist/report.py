@@ -65,8 +65,12 @@ def _result_paths(dvc_yaml: dict[str, Any]) -> set[str]:
     return paths
 
 
-def _in_local_cache(repo: Path, md5: str) -> bool:
-    return (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
+def _local_cache(repo: Path) -> Any:
+    """The repository's local DVC cache, wherever `cache.dir` puts it (a team's shared cache, say)."""
+    from dvc.repo import Repo
+
+    with Repo(str(repo)) as dvc_repo:
+        return dvc_repo.cache.local
 
 
 def unfetched_results(repo: Path, rev: str) -> list[str]:
@@ -80,12 +84,13 @@ def unfetched_results(repo: Path, rev: str) -> list[str]:
         for stage in (dvc_lock.get("stages") or {}).values()
         for out in stage.get("outs") or []
     }
+    cache = _local_cache(repo)
     missing = []
     for path in sorted(_result_paths(dvc_yaml)):
         if _git(repo, "cat-file", "-e", f"{rev}:{path}").returncode == 0:
             continue
         owner = next((out for out in locked if path == out or path.startswith(f"{out}/")), None)
-        if owner is not None and locked[owner] and not _in_local_cache(repo, locked[owner]):
+        if owner is not None and locked[owner] and not Path(cache.oid_to_path(locked[owner])).is_file():
             missing.append(path)
     return missing
 
