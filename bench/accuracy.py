@@ -24,7 +24,7 @@ from oracle_mnist import engine, metrics
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import read_idx_split, stratified_split
 from oracle_mnist.images import convert_batch, to_tensor
-from oracle_mnist.models import build_model
+from oracle_mnist.models import build_model, resolve_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=REPO / "data/sources/oracle-mnist-sample")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args()
-    params = load_params(args.params)
+    params, _ = resolve_recipe(load_params(args.params))
     classes = params.num_classes
     images, labels = read_idx_split(
         args.sample / "train-images-idx3-ubyte.gz", args.sample / "train-labels-idx1-ubyte.gz", classes

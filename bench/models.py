@@ -58,17 +58,20 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="oracle-mnist-models-") as tmp:
         runs = [(m, s) for m in args.models for s in args.seeds]
+        rows = []
         with ThreadPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(lambda ms: run_one(*ms, Path(tmp)), runs))
-    for row in rows:
-        print(json.dumps(row))
-    print("\n| model | seeds | test accuracy, mean (min-max) | ECE, mean | dvc repro, mean s |")
-    print("| --- | --- | --- | --- | --- |")
+            for row in pool.map(lambda ms: run_one(*ms, Path(tmp)), runs):
+                print(json.dumps(row), flush=True)  # a run can take many minutes: each row as it ends
+                rows.append(row)
+    print("\n| model | recipe | seeds | test accuracy, mean (min-max) | ECE, mean | dvc repro, mean s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for model in args.models:
         mine = [r for r in rows if r["model"] == model]
         acc = [float(r["accuracy"]) for r in mine]
+        recipe = mine[0]["recipe"]
         print(
-            f"| {model} | {len(mine)} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) "
+            f"| {model} | {recipe['family']}: {recipe['image_size']} px, {recipe['epochs']} epochs, lr {recipe['lr']:g} "
+            f"| {len(mine)} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) "
             f"| {statistics.mean(float(r['ece']) for r in mine):.3f} "
             f"| {statistics.mean(float(r['total_s']) for r in mine):.0f} |"
         )

@@ -49,7 +49,8 @@ def main() -> None:
 
     # Per-class scores go to their own file: in the metrics file each would be a `dvc exp show` column.
     write_json(PER_CLASS_SCORES, report.pop("per_class"))
-    write_json(METRICS, report)
+    # The recipe in force (auto or set) as columns of `dvc exp show`, beside the scores it produced.
+    write_json(METRICS, {**report, "recipe": meta.recipe})
     write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
     write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
     for name, path in RELIABILITY.items():

@@ -1,4 +1,5 @@
-"""DVC stage featurize: prepared splits -> model-ready uint8 arrays at featurize.image_size, and the sample grid."""
+"""DVC stage featurize: prepared splits -> model-ready uint8 arrays at featurize.image_size (auto: the model's
+recipe), and the sample grid."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from oracle_mnist.datasets import SPLITS, convert_scans, load_features, load_man
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, atomic_path
 from oracle_mnist.images import convert_batch, sample_grid
+from oracle_mnist.models import resolve_recipe
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
@@ -21,7 +23,7 @@ SAMPLES_PLOT = Path("plots/samples.png")
 
 @stage_main
 def main() -> None:
-    params = load_params(PARAMS)
+    params, _ = resolve_recipe(load_params(PARAMS))  # image_size: auto is the model's recipe
     feat = params.featurize
     features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in SPLITS:

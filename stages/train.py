@@ -20,7 +20,7 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
 from oracle_mnist.errors import OracleMnistError, stage_main
 from oracle_mnist.images import to_tensor
-from oracle_mnist.models import ModelMeta, build_model, save_model
+from oracle_mnist.models import ModelMeta, build_model, resolve_recipe, save_model
 
 PARAMS = Path("params.yaml")
 FEATURES = Path("data/features")
@@ -66,7 +66,7 @@ def log_best(live: Live, best: engine.EpochStats) -> None:
 
 @stage_main
 def main() -> None:
-    params = load_params(PARAMS)
+    params, recipe = resolve_recipe(load_params(PARAMS))  # epochs, lr: auto are the model's recipe
     cfg = params.train
     train = load_features(FEATURES / "train.npz", params.num_classes)
     val = load_features(FEATURES / "val.npz", params.num_classes)
@@ -74,6 +74,10 @@ def main() -> None:
     if val[0].shape[1] != size:
         raise OracleMnistError(f"{FEATURES}: train images are {size} px but val images {val[0].shape[1]} px")
 
+    print(
+        f"recipe for {params.model} ({recipe.family} CNN): {size} px, {cfg.epochs} epochs, lr {cfg.lr:g}",
+        file=sys.stderr,
+    )
     info = engine.init_distributed(cfg.device)
     device = engine.select_device(cfg.device, info)
     if device.type == "cpu":
@@ -110,6 +114,7 @@ def main() -> None:
             params_hash=params_hash,
             metrics={"val_acc": best.val_acc, "val_loss": best.val_loss, "train_loss": best.train_loss},
             epoch=best.epoch,
+            recipe=dataclasses.asdict(dataclasses.replace(recipe, image_size=size)),
         )
         meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))
         save_model(MODEL, model, meta)

@@ -19,6 +19,23 @@ def test_repository_params_load_into_typed_config():
     assert params.featurize.image_size == _raw()["featurize"]["image_size"]
 
 
+def test_recipe_keys_take_a_number_or_auto():
+    """auto (the committed value) is left for models.resolve_recipe; anything else must be a number."""
+    raw = _raw()
+    raw["featurize"]["image_size"], raw["train"]["epochs"], raw["train"]["lr"] = "auto", 40, 0.004
+    params = parse_params(raw)
+    assert (params.featurize.image_size, params.train.epochs, params.train.lr) == ("auto", 40, 0.004)
+    for key, value, message in [
+        ("epochs", "Auto", r"^train.epochs: expected int or 'auto', got 'Auto'$"),
+        ("epochs", 0, r"^train.epochs: must be >= 1 or 'auto', got 0$"),
+        ("lr", -1.0, r"^train.lr: must be > 0.0 or 'auto', got -1.0$"),
+    ]:
+        raw = _raw()
+        raw["train"][key] = value
+        with pytest.raises(ConfigError, match=message):
+            parse_params(raw)
+
+
 def test_unknown_key_is_named():
     raw = _raw()
     raw["data"]["sorce"] = "x"
@@ -29,7 +46,7 @@ def test_unknown_key_is_named():
 def test_wrong_type_is_named():
     raw = _raw()
     raw["featurize"]["image_size"] = "big"
-    with pytest.raises(ConfigError, match=r"featurize.image_size: expected int, got 'big'"):
+    with pytest.raises(ConfigError, match=r"featurize.image_size: expected int or 'auto', got 'big'"):
         parse_params(raw)
 
 
@@ -50,9 +67,9 @@ def test_missing_required_key_is_named():
 def test_types_are_strict_but_an_int_is_a_float():
     """YAML's "3" or true never becomes a number; `rotate: 10` is 10.0, as the params hash saw it before."""
     for key, value, message in [
-        ("epochs", "3", r"^train.epochs: expected int, got '3'$"),
-        ("epochs", True, r"^train.epochs: expected int, got True$"),
-        ("lr", "0.1", r"^train.lr: expected float, got '0.1'$"),
+        ("epochs", "3", r"^train.epochs: expected int or 'auto', got '3'$"),
+        ("epochs", True, r"^train.epochs: expected int or 'auto', got True$"),
+        ("lr", "0.1", r"^train.lr: expected float or 'auto', got '0.1'$"),
         ("amp", 1, r"^train.amp: expected bool, got 1$"),
     ]:
         raw = _raw()
@@ -88,8 +105,12 @@ def test_nested_unknown_keys_list_the_known_ones_and_errors_are_joined():
     [
         ("data", {"val_fraction": 1.5}, r"^data.val_fraction: must be < 1.0, got 1.5$"),
         ("data", {"download_timeout": 0}, r"^data.download_timeout: must be > 0.0, got 0$"),
-        ("train", {"warmup_epochs": 30}, r"^train.warmup_epochs: must be < epochs \(30\), got 30$"),
-        ("train", {"min_lr": 0.1}, r"^train.min_lr: must be <= lr \(0.002\), got 0.1$"),
+        (
+            "train",
+            {"epochs": 30, "warmup_epochs": 30},
+            r"^train.warmup_epochs: must be < epochs \(30\), got 30$",
+        ),
+        ("train", {"lr": 0.002, "min_lr": 0.1}, r"^train.min_lr: must be <= lr \(0.002\), got 0.1$"),
         ("train", {"batches_per_epoch": 0}, r"^train.batches_per_epoch: must be >= 1, got 0$"),
         ("train", {"seed": -1}, r"^train.seed: must be >= 0, got -1$"),
         ("train", {"label_smoothing": 1}, r"^train.label_smoothing: must be < 1.0, got 1$"),

@@ -9,8 +9,18 @@ import timm
 import torch
 from helpers import broken_model_copy
 
+from oracle_mnist.config import ConfigError, parse_params
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.models import ModelMeta, build_model, load_model, save_model
+from oracle_mnist.models import (
+    RECIPES,
+    ModelMeta,
+    Recipe,
+    build_model,
+    load_model,
+    recipe_for,
+    resolve_recipe,
+    save_model,
+)
 
 META = ModelMeta(
     model_name="resnet18",
@@ -23,6 +33,7 @@ META = ModelMeta(
     metrics={"val_acc": 0.9},
     epoch=3,
     temperature=1.7,
+    recipe={"family": "dense", "image_size": 28, "epochs": 3, "lr": 0.002},
 )
 
 
@@ -172,3 +183,56 @@ def test_a_model_file_from_before_calibration_loads_with_temperature_1(tmp_path,
     _, meta = load_model(tmp_path / "old.pt")
     assert meta.temperature == 1.0
     assert meta == replace(load_model(tmp_path / "t.pt")[1], temperature=1.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("resnet10t", "dense"),
+        ("resnet18", "dense"),
+        ("resnext26ts", "dense"),  # grouped, not depthwise, convolutions
+        ("mobilenetv3_small_100", "depthwise"),
+        ("efficientnet_b0", "depthwise"),
+        ("convnext_atto", "depthwise"),
+    ],
+)
+def test_recipe_follows_the_kind_of_convolutions(name, family):
+    assert recipe_for(name) == RECIPES[family]
+
+
+def test_a_model_without_convolutions_gets_no_recipe_but_an_error_saying_what_to_set():
+    with pytest.raises(
+        OracleMnistError, match=r"'vit_tiny_patch16_224' is not a convolutional.*train.epochs"
+    ):
+        recipe_for("vit_tiny_patch16_224")
+    with pytest.raises(OracleMnistError, match="'resnet_nope' is not a timm model"):
+        recipe_for("resnet_nope")
+    # With all three values given there is nothing to work out: any timm model trains, as family "custom".
+    given = {"image_size": 32}, {"epochs": 3, "lr": 0.001}
+    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001)
+    with pytest.raises(OracleMnistError, match="not a convolutional network"):
+        resolve_recipe(_params("vit_tiny_patch16_224", {"image_size": 32}, {"epochs": 3}))
+
+
+def _params(model: str, featurize: dict, train: dict):
+    return parse_params({"model": model, "classes": ["a", "b"], "featurize": featurize, "train": train})
+
+
+def test_resolve_recipe_fills_only_the_auto_values():
+    auto = {"image_size": "auto"}, {"epochs": "auto", "lr": "auto"}
+    params, recipe = resolve_recipe(_params("mobilenetv3_small_100", *auto))
+    expected = RECIPES["depthwise"]
+    assert (params.featurize.image_size, params.train.epochs, params.train.lr) == (
+        expected.image_size, expected.epochs, expected.lr,
+    )  # fmt: skip
+    assert recipe == expected
+    params, recipe = resolve_recipe(
+        _params("mobilenetv3_small_100", {"image_size": 40}, {"epochs": 3, "lr": "auto"})
+    )
+    assert (params.featurize.image_size, params.train.epochs, params.train.lr) == (40, 3, expected.lr)
+    assert (recipe.family, recipe.image_size, recipe.epochs) == ("depthwise", 40, 3)
+
+
+def test_resolve_recipe_checks_the_rules_that_need_the_resolved_values():
+    with pytest.raises(ConfigError, match=r"train.warmup_epochs: must be < epochs \(30\), got 30"):
+        resolve_recipe(_params("resnet10t", {}, {"warmup_epochs": 30}))

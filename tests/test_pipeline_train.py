@@ -24,7 +24,7 @@ from oracle_mnist import engine
 from oracle_mnist.config import load_params
 from oracle_mnist.datasets import load_features
 from oracle_mnist.images import to_tensor
-from oracle_mnist.models import load_model
+from oracle_mnist.models import RECIPES, load_model
 
 # dvc repro, kill -9 and torchrun runs: the full suite's, not the edit loop's.
 pytestmark = pytest.mark.slow
@@ -184,18 +184,24 @@ def _experiments(node: Any) -> list[dict[str, Any]]:
     return found
 
 
-def test_changing_model_reruns_train_and_evaluate_only(clone: Path):
+def test_changing_model_reruns_from_featurize_and_records_the_recipe(clone: Path):
+    """featurize depends on `model` (image_size: auto is the model's recipe); prepare does not."""
     out = dvc(clone, "exp", "run", "-S", "model=mobilenetv3_small_100").stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
-    assert "Running stage 'prepare'" not in out and "Running stage 'featurize'" not in out
-    assert "Stage 'prepare' didn't change" in out and "Stage 'featurize' didn't change" in out
+    assert "Running stage 'featurize'" in out
+    assert "Running stage 'prepare'" not in out and "Stage 'prepare' didn't change" in out
     assert load_model(clone / "models/model.pt")[1].model_name == "mobilenetv3_small_100"
 
     records = _experiments(json.loads(dvc(clone, "exp", "show", "--json").stdout))
     models = {r["params"]["params.yaml"]["data"]["model"] for r in records}
     assert "mobilenetv3_small_100" in models
     exp = next(r for r in records if r["params"]["params.yaml"]["data"]["model"] == "mobilenetv3_small_100")
-    assert "accuracy" in exp["metrics"]["metrics/evaluate.json"]["data"]
+    scores = exp["metrics"]["metrics/evaluate.json"]["data"]
+    assert "accuracy" in scores
+    # The shrunken config sets size and epochs; the learning rate is auto, so the depthwise recipe's.
+    assert scores["recipe"] == {
+        "family": "depthwise", "image_size": 28, "epochs": 2, "lr": RECIPES["depthwise"].lr,
+    }  # fmt: skip
     # The experiment table stays narrow: training curves and per-class scores are not metric columns.
     assert set(exp["metrics"]) == {"metrics/evaluate.json"}
 

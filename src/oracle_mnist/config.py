@@ -59,6 +59,8 @@ Positive = Annotated[int, Field(ge=1)]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
+# "auto": the model's architecture decides (oracle_mnist.models.recipe_for); stages resolve it before use.
+Auto = Literal["auto"]
 
 
 class DataConfig(_Config):
@@ -78,7 +80,8 @@ class DataConfig(_Config):
 
 
 class FeaturizeConfig(_Config):
-    image_size: int = 64  # the side of the square the conversion writes; idx images (28 px) are upscaled
+    # The side of the square the conversion writes (idx images, 28 px, are upscaled); auto: per architecture.
+    image_size: Positive | Auto = "auto"
 
 
 class AugmentConfig(_Config):
@@ -93,9 +96,10 @@ class AugmentConfig(_Config):
 
 
 class TrainConfig(_Config):
-    epochs: Positive = 30
+    epochs: Positive | Auto = "auto"  # auto: per architecture (models.recipe_for)
     batch_size: Positive = 64  # global: split across processes under torchrun
-    lr: Annotated[float, Field(gt=0)] = 0.002  # AdamW peak learning rate, reached after the warm-up
+    # AdamW's peak learning rate, reached after the warm-up; auto: per architecture.
+    lr: Annotated[float, Field(gt=0)] | Auto = "auto"
     min_lr: NonNegative = 0.00001  # end of the cosine decay
     warmup_epochs: Annotated[int, Field(ge=0)] = 2
     weight_decay: NonNegative = 0.05
@@ -113,14 +117,14 @@ class TrainConfig(_Config):
     @field_validator("warmup_epochs")
     @classmethod
     def _warmup_within_run(cls, value: int, info: ValidationInfo) -> int:
-        if "epochs" in info.data and value >= info.data["epochs"]:
+        if isinstance(info.data.get("epochs"), int) and value >= info.data["epochs"]:
             raise ValueError(f"must be < epochs ({info.data['epochs']}), got {value}")
         return value
 
     @field_validator("min_lr")
     @classmethod
     def _min_lr_within_lr(cls, value: float, info: ValidationInfo) -> float:
-        if "lr" in info.data and value > info.data["lr"]:
+        if isinstance(info.data.get("lr"), float | int) and value > info.data["lr"]:
             raise ValueError(f"must be <= lr ({info.data['lr']}), got {value}")
         return value
 
@@ -196,16 +200,29 @@ def _unknown(loc: tuple[int | str, ...], keys: list[str]) -> str:
     return f"{_dotted(loc)}: unknown key(s) {sorted(keys)}; known: {sorted(model.model_fields)}"
 
 
+def _is_union_tag(part: int | str) -> bool:
+    """A loc part naming a union member (`constrained-int`, `literal['auto']`), not a key."""
+    return isinstance(part, str) and ("-" in part or "[" in part or part in ("int", "float"))
+
+
 def _message(exc: ValidationError) -> str:
     """One line: `<dotted.key>: <problem>` per error, unknown keys first (a typo explains a `missing`)."""
     unknown: dict[tuple[int | str, ...], list[str]] = {}
-    problems = []
+    problems: dict[str, list[ErrorDetails]] = {}
     for error in exc.errors():
         if error["type"] == "extra_forbidden":
             unknown.setdefault(error["loc"][:-1], []).append(str(error["loc"][-1]))
         else:
-            problems.append(f"{_dotted(error['loc'])}: {_problem(error)}")
-    return "; ".join([_unknown(loc, keys) for loc, keys in unknown.items()] + problems)
+            key = _dotted(tuple(part for part in error["loc"] if not _is_union_tag(part)))
+            problems.setdefault(key, []).append(error)
+    lines = [_unknown(loc, keys) for loc, keys in unknown.items()]
+    for key, errors in problems.items():
+        # A `number | "auto"` field fails once per member: report the number's problem, naming the other choice.
+        number = [e for e in errors if e["type"] != "literal_error" or len(errors) == 1]
+        auto = len(number) < len(errors)
+        either = " or 'auto', got"
+        lines += [f"{key}: {_problem(e).replace(', got', either, auto)}" for e in number]
+    return "; ".join(lines)
 
 
 def parse_params(raw: Any) -> Params:

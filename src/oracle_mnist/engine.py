@@ -506,6 +506,10 @@ def fit(
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
     (replayed ones first after a resume) on the main process.
     """
+    if cfg.epochs == "auto" or cfg.lr == "auto":
+        raise OracleMnistError(
+            "train.epochs, train.lr: 'auto' must be resolved first (models.resolve_recipe)"
+        )
     data = prepare_data(train, val, mean, std, cfg, device, info)
     state = build_state(model, cfg, data.steps, device)
     if checkpoint_dir is not None:

@@ -13,6 +13,7 @@ import timm
 import torch
 from torch import nn
 
+from oracle_mnist.config import Params, parse_params
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import atomic_path
 
@@ -43,6 +44,9 @@ class ModelMeta:
     # Calibration: probabilities are softmax(logits / temperature), fitted on the validation split by train.
     # Model files written before it existed have none and load as 1.0 (the plain softmax they served).
     temperature: float = 1.0
+    # What trained it: the architecture family and the image size, epochs and learning rate in force (whether
+    # set in params.yaml or worked out by `recipe_for`). Older files have none.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         problems = _meta_problems(self)
@@ -88,6 +92,8 @@ def _meta_problems(meta: ModelMeta) -> list[str]:
         problems.append(f"std: must be positive, got {meta.std!r}")
     if not isinstance(meta.data_hash, str) or not isinstance(meta.params_hash, str):
         problems.append("data_hash, params_hash: expected strings")
+    if not isinstance(meta.recipe, dict):
+        problems.append(f"recipe: expected a mapping, got {type(meta.recipe).__name__}")
     if not isinstance(meta.metrics, dict):
         problems.append(f"metrics: expected a mapping, got {type(meta.metrics).__name__}")
     if not _is_int(meta.epoch) or meta.epoch < 0:
@@ -157,6 +163,63 @@ def build_model(
             f"(e.g. dvc exp run -S model={name} -S featurize.image_size={needed or 224})"
         )
     return model
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What an architecture family needs to train well from scratch on a few thousand glyphs."""
+
+    family: str
+    image_size: int
+    epochs: int
+    lr: float
+
+
+# Measured on the sample's test split (docs/results.md, "Recipes per architecture"). Dense CNNs (ResNets) learn
+# the glyphs in 30 epochs at 64 px. Depthwise-separable ones (MobileNet, EfficientNet, ConvNeXt) keep only
+# 16-40 thin channels in their early, high-resolution layers: at 64 px they memorise the training images
+# rather than learn the strokes, and need larger inputs, a higher learning rate and more epochs.
+RECIPES = {
+    "dense": Recipe("dense", image_size=64, epochs=30, lr=0.002),
+    "depthwise": Recipe("depthwise", image_size=96, epochs=60, lr=0.008),
+}
+
+
+def recipe_for(name: str) -> Recipe:
+    """The recipe for timm model `name`, by the kind of convolutions it is built from (not by its name, so a
+    new timm model gets one too). A model without convolutions has none: it gets an error saying what to set."""
+    if not timm.is_model(name):
+        raise OracleMnistError(f"model: {name!r} is not a timm model name (see timm.list_models())")
+    with torch.device("meta"):  # the layers' shapes only: no memory, no initialisation
+        convs = [m for m in timm.create_model(name, in_chans=1).modules() if isinstance(m, nn.Conv2d)]
+    if len(convs) < 3:
+        raise OracleMnistError(
+            f"model {name!r} is not a convolutional network, and the recipes (docs/results.md) are measured on "
+            "CNNs only: set featurize.image_size, train.epochs and train.lr yourself (-S key=value)"
+        )
+    depthwise = any(c.groups > 1 and c.groups == c.in_channels for c in convs)
+    return RECIPES["depthwise" if depthwise else "dense"]
+
+
+def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
+    """`params` with every "auto" replaced by the recipe for its model, and the recipe in force (the values
+    given in params.yaml win over the recipe's; with all three given, any timm model goes, as family "custom")."""
+    raw = params.model_dump()
+    keys = [(section, key) for section, key in _RECIPE_KEYS if raw[section][key] == "auto"]
+    try:
+        recipe: Recipe | None = recipe_for(params.model)
+    except OracleMnistError:
+        if keys:  # an unknown name, or no recipe for this architecture while one is needed
+            raise
+        recipe = None
+    for section, key in keys:
+        raw[section][key] = getattr(recipe, key)
+    resolved = parse_params(raw)  # validated again: e.g. warmup_epochs against the epochs now known
+    family = recipe.family if recipe is not None else "custom"
+    return resolved, Recipe(family, resolved.featurize.image_size, resolved.train.epochs, resolved.train.lr)
+
+
+_RECIPE_KEYS = (("featurize", "image_size"), ("train", "epochs"), ("train", "lr"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
