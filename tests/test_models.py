@@ -193,14 +193,17 @@ def test_a_model_file_from_before_calibration_loads_with_temperature_1(tmp_path,
         ("resnext26ts", "dense"),  # grouped, not depthwise, convolutions
         ("mobilenetv3_small_100", "depthwise"),
         ("efficientnet_b0", "depthwise"),
-        ("convnext_atto", "depthwise"),
     ],
 )
 def test_recipe_follows_the_kind_of_convolutions(name, family):
     assert recipe_for(name) == RECIPES[family]
 
 
-def test_a_model_without_convolutions_gets_no_recipe_but_an_error_saying_what_to_set():
+def test_a_model_no_recipe_suits_gets_an_error_saying_what_to_set():
+    with pytest.raises(
+        OracleMnistError, match=r"'convnext_atto': no recipe.*without BatchNorm.*train.lr yourself"
+    ):
+        recipe_for("convnext_atto")
     with pytest.raises(
         OracleMnistError, match=r"'vit_tiny_patch16_224' is not a convolutional.*train.epochs"
     ):

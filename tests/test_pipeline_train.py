@@ -254,8 +254,15 @@ def test_torchrun_two_gloo_processes_stay_close_to_single_process(clone: Path):
     assert not list(clone.glob("checkpoints/train/*/*.pt"))
 
 
-def test_model_too_big_for_the_features_fails_at_once_naming_the_size(clone: Path):
-    write_params(clone, {"model": "convnext_atto"})
+def test_a_model_without_a_recipe_or_too_big_for_the_features_fails_at_once_saying_why(clone: Path):
+    write_params(clone, {"model": "convnext_atto"})  # train.lr: auto, and no recipe suits ConvNeXt
+    proc = run([sys.executable, "stages/train.py"], cwd=clone, check=False, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: model 'convnext_atto': no recipe trains this kind of network" in proc.stderr
+
+    write_params(
+        clone, {"train": {"lr": 0.002}}
+    )  # every value given: it trains, if the input is large enough
     proc = run([sys.executable, "stages/train.py"], cwd=clone, check=False, timeout=120)
     assert proc.returncode == 1
     assert (
