@@ -68,10 +68,8 @@ def main() -> None:
     for model in args.models:
         mine = [r for r in rows if r["model"] == model]
         acc = [float(r["accuracy"]) for r in mine]
-        recipe = mine[0]["recipe"]
         print(
-            f"| {model} | {recipe['family']}: {recipe['image_size']} px, {recipe['epochs']} epochs, lr {recipe['lr']:g} "
-            f"| {len(mine)} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) "
+            f"| {model} | {mine[0]['recipe']} | {len(mine)} | {100 * statistics.mean(acc):.2f}% ({100 * min(acc):.2f}-{100 * max(acc):.2f}) "
             f"| {statistics.mean(float(r['ece']) for r in mine):.3f} "
             f"| {statistics.mean(float(r['total_s']) for r in mine):.0f} |"
         )

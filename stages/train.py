@@ -74,10 +74,8 @@ def main() -> None:
     if val[0].shape[1] != size:
         raise OracleMnistError(f"{FEATURES}: train images are {size} px but val images {val[0].shape[1]} px")
 
-    print(
-        f"recipe for {params.model} ({recipe.family} CNN): {size} px, {cfg.epochs} epochs, lr {cfg.lr:g}",
-        file=sys.stderr,
-    )
+    recipe = dataclasses.replace(recipe, image_size=size)  # what the features are, whatever params say
+    print(f"recipe for {params.model}: {recipe}", file=sys.stderr)
     info = engine.init_distributed(cfg.device)
     device = engine.select_device(cfg.device, info)
     if device.type == "cpu":
@@ -114,7 +112,7 @@ def main() -> None:
             params_hash=params_hash,
             metrics={"val_acc": best.val_acc, "val_loss": best.val_loss, "train_loss": best.train_loss},
             epoch=best.epoch,
-            recipe=dataclasses.asdict(dataclasses.replace(recipe, image_size=size)),
+            recipe=dataclasses.asdict(recipe),
         )
         meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))
         save_model(MODEL, model, meta)

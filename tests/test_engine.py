@@ -23,7 +23,7 @@ from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.models import build_model
 
 CPU = torch.device("cpu")
-TINY = TrainConfig(epochs=3, warmup_epochs=1, batch_size=32, batches_per_epoch=3, seed=7)
+TINY = TrainConfig(epochs=3, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=3, seed=7)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -239,7 +239,7 @@ THREADS_SCRIPT = textwrap.dedent(
     engine.make_deterministic(0)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), rng.integers(0, 10, 128)
-    cfg = TrainConfig(epochs=2, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2)
+    cfg = TrainConfig(epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2)
     model = build_model("resnet10t", 10, 28)
     result = engine.fit(model, (x, y), (x[:32], y[:32]), 0.3, 0.3, cfg, device=torch.device("cpu"))
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.state_dict.values()))
@@ -286,7 +286,7 @@ DDP_SCRIPT = textwrap.dedent(
     )
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256)
-    cfg = TrainConfig(epochs=2, warmup_epochs=1, batch_size=32, batches_per_epoch=4)
+    cfg = TrainConfig(epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=4)
     result = engine.fit(model, (x, y), (x[:64], y[:64]), 0.3, 0.3, cfg, device=torch.device("cpu"), info=info)
     if info.is_main:
         torch.save(result.state_dict, sys.argv[1] + ".pt")

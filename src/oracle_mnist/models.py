@@ -174,6 +174,9 @@ class Recipe:
     epochs: int
     lr: float
 
+    def __str__(self) -> str:
+        return f"{self.family}: {self.image_size} px, {self.epochs} epochs, lr {self.lr:g}"
+
 
 # Measured on the sample's test split (docs/results.md, "Recipes per architecture"). Dense CNNs (ResNets) learn
 # the glyphs in 30 epochs at 64 px. Depthwise-separable ones with BatchNorm (MobileNet, EfficientNet) keep only
