@@ -187,8 +187,9 @@ def _experiments(node: Any) -> list[dict[str, Any]]:
 
 
 def test_changing_model_reruns_from_featurize_and_records_the_recipe(clone: Path):
-    """featurize depends on `model` (image_size: auto is the model's recipe); prepare does not."""
-    out = dvc(clone, "exp", "run", "-S", "model=mobilenetv3_small_100").stdout
+    """featurize depends on `model` (image_size: auto is the model's recipe); prepare does not. Up to evaluate
+    only: export's own test covers it, and the suite's time budget is tight."""
+    out = dvc(clone, "exp", "run", "evaluate", "-S", "model=mobilenetv3_small_100").stdout
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     assert "Running stage 'featurize'" in out
     assert "Running stage 'prepare'" not in out and "Stage 'prepare' didn't change" in out
@@ -254,19 +255,10 @@ def test_torchrun_two_gloo_processes_stay_close_to_single_process(clone: Path):
     assert not list(clone.glob("checkpoints/train/*/*.pt"))
 
 
-def test_a_model_without_a_recipe_or_too_big_for_the_features_fails_at_once_saying_why(clone: Path):
+def test_a_model_without_a_recipe_fails_at_once_saying_what_to_set(clone: Path):
+    """At stage level (exit 1, one error line); the size a model needs is build_model's, tested in test_models."""
     write_params(clone, {"model": "convnext_atto"})  # train.lr: auto, and no recipe suits ConvNeXt
     proc = run([sys.executable, "stages/train.py"], cwd=clone, check=False, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "error: model 'convnext_atto': no recipe trains this kind of network" in proc.stderr
-
-    write_params(
-        clone, {"train": {"lr": 0.002}}
-    )  # every value given: it trains, if the input is large enough
-    proc = run([sys.executable, "stages/train.py"], cwd=clone, check=False, timeout=120)
-    assert proc.returncode == 1
-    assert (
-        "error: model 'convnext_atto' cannot take 28x28 inputs; it needs featurize.image_size: 32"
-        in proc.stderr
-    )
-    assert "Traceback" not in proc.stderr
+    assert "set featurize.image_size, train.epochs and train.lr yourself" in proc.stderr

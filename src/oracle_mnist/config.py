@@ -219,9 +219,11 @@ def _message(exc: ValidationError) -> str:
     for key, errors in problems.items():
         # A `number | "auto"` field fails once per member: report the number's problem, naming the other choice.
         number = [e for e in errors if e["type"] != "literal_error" or len(errors) == 1]
-        auto = len(number) < len(errors)
-        either = " or 'auto', got"
-        lines += [f"{key}: {_problem(e).replace(', got', either, auto)}" for e in number]
+        for error in number:
+            problem = _problem(error)
+            if len(number) < len(errors):
+                problem = problem.replace(", got", " or 'auto', got", 1)
+            lines.append(f"{key}: {problem}")
     return "; ".join(lines)
 
 

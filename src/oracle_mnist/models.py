@@ -214,6 +214,9 @@ def recipe_for(name: str) -> Recipe:
     return RECIPES["depthwise"]
 
 
+_RECIPE_KEYS = (("featurize", "image_size"), ("train", "epochs"), ("train", "lr"))
+
+
 def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
     """`params` with every "auto" replaced by the recipe for its model, and the recipe in force (the values
     given in params.yaml win over the recipe's; with all three given, any timm model goes, as family "custom")."""
@@ -230,9 +233,6 @@ def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
     resolved = parse_params(raw)  # validated again: e.g. warmup_epochs against the epochs now known
     family = recipe.family if recipe is not None else "custom"
     return resolved, Recipe(family, resolved.featurize.image_size, resolved.train.epochs, resolved.train.lr)
-
-
-_RECIPE_KEYS = (("featurize", "image_size"), ("train", "epochs"), ("train", "lr"))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
