@@ -129,6 +129,11 @@ def _accepts(model: nn.Module, size: int) -> bool:
         model.train(was_training)
 
 
+def _require_timm_name(name: str) -> None:
+    if not timm.is_model(name):
+        raise OracleMnistError(f"model: {name!r} is not a timm model name (see timm.list_models())")
+
+
 def build_model(
     name: str,
     num_classes: int,
@@ -141,8 +146,7 @@ def build_model(
     With `pretrained`, weights come from timm's own source (needs internet) or, when `weights_file` is given,
     from that local file; timm adapts the first convolution to 1 channel and replaces the classifier.
     """
-    if not timm.is_model(name):
-        raise OracleMnistError(f"model: {name!r} is not a timm model name (see timm.list_models())")
+    _require_timm_name(name)
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": 1, "pretrained": pretrained}
     if pretrained and weights_file is not None:
         if not Path(weights_file).is_file():
@@ -191,8 +195,7 @@ RECIPES = {
 def recipe_for(name: str) -> Recipe:
     """The recipe for timm model `name`, by the kinds of layer it is built from (not by its name, so a new timm
     model gets one too). A kind no recipe suits gets an error saying what to set instead of a useless model."""
-    if not timm.is_model(name):
-        raise OracleMnistError(f"model: {name!r} is not a timm model name (see timm.list_models())")
+    _require_timm_name(name)
     with torch.device("meta"):  # the layers' shapes only: no memory, no initialisation
         layers = list(timm.create_model(name, in_chans=1).modules())
     convs = [m for m in layers if isinstance(m, nn.Conv2d)]
