@@ -1,4 +1,4 @@
-"""DVC stage train: features -> models/model.pt (best epoch by validation accuracy) and dvclive curves.
+"""DVC stage train: features -> models/model.pt (the mean of the last epochs' weights) and dvclive curves.
 
 Runs as `python stages/train.py` or, unchanged, as `torchrun --nproc_per_node=N stages/train.py`.
 """
@@ -43,8 +43,8 @@ def log_epoch(live: Live, stats: engine.EpochStats) -> None:
 
 
 def calibrate(model: nn.Module, val: Split, meta: ModelMeta, device: torch.device) -> float:
-    """The kept model's temperature, fitted on the validation split (the split that chose the epoch; the test
-    split stays unseen). In fp32 whatever train.amp says: it calibrates what evaluate and serving compute."""
+    """The kept model's temperature, fitted on the validation split (the test split stays unseen). In fp32
+    whatever train.amp says: it calibrates what evaluate and serving compute."""
     logits = engine.predict_logits(model, to_tensor(val[0], meta.mean, meta.std), device).numpy()
     temperature = metrics.fit_temperature(logits, val[1])
     before = metrics.evaluate(logits, val[1], meta.class_names)
@@ -57,10 +57,10 @@ def calibrate(model: nn.Module, val: Split, meta: ModelMeta, device: torch.devic
     return temperature
 
 
-def log_best(live: Live, best: engine.EpochStats) -> None:
-    live.log_metric("best/epoch", best.epoch, plot=False)
-    live.log_metric("best/val_acc", best.val_acc, plot=False)
-    live.log_metric("best/val_loss", best.val_loss, plot=False)
+def log_kept(live: Live, kept: engine.EpochStats) -> None:
+    live.log_metric("kept/epoch", kept.epoch, plot=False)
+    live.log_metric("kept/val_acc", kept.val_acc, plot=False)
+    live.log_metric("kept/val_loss", kept.val_loss, plot=False)
     live.end()
 
 
@@ -99,8 +99,8 @@ def main() -> None:
         fingerprint=run_key, on_epoch=partial(log_epoch, live) if live is not None else None,
     )  # fmt: skip
     if live is not None and result.best is not None:
-        best = result.best
-        log_best(live, best)
+        kept = result.best
+        log_kept(live, kept)
         model.load_state_dict(result.state_dict)
         meta = ModelMeta(
             model_name=params.model,
@@ -110,8 +110,8 @@ def main() -> None:
             std=std,
             data_hash=data_hash,
             params_hash=params_hash,
-            metrics={"val_acc": best.val_acc, "val_loss": best.val_loss, "train_loss": best.train_loss},
-            epoch=best.epoch,
+            metrics={"val_acc": kept.val_acc, "val_loss": kept.val_loss, "train_loss": kept.train_loss},
+            epoch=kept.epoch,
             recipe=dataclasses.asdict(recipe),
         )
         meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))

@@ -20,6 +20,7 @@ from oracle_mnist import engine
 from oracle_mnist.config import AugmentConfig, TrainConfig
 from oracle_mnist.datasets import read_idx_split
 from oracle_mnist.errors import OracleMnistError
+from oracle_mnist.images import to_tensor
 from oracle_mnist.models import build_model
 
 CPU = torch.device("cpu")
@@ -64,30 +65,41 @@ def test_lr_factor_warms_up_linearly_then_follows_cosine_to_min():
     assert engine.lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
+def _only(**moves: float) -> engine.Augmenter:
+    """An augmenter doing only `moves` (every other kind off), on a background of -1."""
+    off = dict(rotate=0, translate=0, scale=0, shear=0, elastic=0, erase_prob=0, erase_max_area=0)
+    return engine.Augmenter(AugmentConfig(**(off | moves)), background=-1.0)
+
+
 def test_augmenter_without_moves_is_identity_and_fills_with_background():
     x = torch.rand(4, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
-    off = engine.Augmenter(
-        AugmentConfig(rotate=0, translate=0, scale=0, shear=0, erase_prob=0, erase_max_area=0),
-        background=-1.0,
-    )
+    off = _only()
     torch.testing.assert_close(off.apply(x, *off.draw(4, gen)), x, atol=1e-5, rtol=0)
 
     # A pure shift moves content out at one edge and brings background, not zeros, in at the other.
-    shift = engine.Augmenter(
-        AugmentConfig(rotate=0, translate=0.25, scale=0, shear=0, erase_prob=0, erase_max_area=0),
-        background=-1.0,
-    )
+    shift = _only(translate=0.25)
     out = shift.apply(torch.full((64, 1, 28, 28), 3.0), *shift.draw(64, gen))
     assert (out == -1.0).any() and out.min() >= -1.0 - 1e-5
 
-    erase = engine.Augmenter(
-        AugmentConfig(rotate=0, translate=0, scale=0, shear=0, erase_prob=1.0, erase_max_area=0.15),
-        background=-1.0,
-    )
+    erase = _only(erase_prob=1.0, erase_max_area=0.15)
     out = erase.apply(torch.full((8, 1, 28, 28), 3.0), *erase.draw(8, gen))
     erased = (out == -1.0).float().mean(dim=(1, 2, 3))
     assert ((erased > 0) & (erased <= 0.2)).all()
+
+
+def test_elastic_bending_moves_a_stroke_by_at_most_its_bound():
+    # A vertical stroke in the middle of a 64 px image: bending moves its pixels sideways by at most
+    # elastic * side (3.2 px here), and keeps it in one piece.
+    x = torch.full((32, 1, 64, 64), -1.0)
+    x[:, :, 8:56, 31:33] = 1.0
+    bend = _only(elastic=0.05)
+    out = bend.apply(x, *bend.draw(32, torch.Generator().manual_seed(0)))
+    assert not torch.allclose(out, x, atol=0.1)
+    ink_cols = (out[:, 0, 8:56] > 0).nonzero()[:, 2]
+    assert ink_cols.min() >= 31 - 3.2 - 1 and ink_cols.max() <= 32 + 3.2 + 1
+    assert ((out[:, 0, 12:52] > 0).any(dim=2)).all()  # every inner row still has ink
+    assert out.min() >= -1.0 - 1e-5  # the background comes in, never anything darker
 
 
 def test_augmenter_draws_depend_on_seed_only():
@@ -99,15 +111,44 @@ def test_augmenter_draws_depend_on_seed_only():
     assert (torch.linalg.det(first[0][:, :, :2]) > 0).all()
 
 
-def test_fit_is_bitwise_deterministic_and_keeps_the_best_epoch(sample, reference):
+def test_fit_is_bitwise_deterministic(sample, reference):
     first, second = reference, _fit(sample)
     assert first.history == second.history
     assert first.state_dict.keys() == second.state_dict.keys()
     assert all(torch.equal(first.state_dict[k], second.state_dict[k]) for k in first.state_dict)
     assert len(first.history) == 3
-    assert first.best == max(first.history, key=lambda s: (s.val_acc, -s.val_loss))
     assert first.history[-1].lr == pytest.approx(TINY.min_lr)
     assert first.history[0].train_loss != first.history[1].train_loss
+
+
+def test_fit_keeps_the_mean_of_the_last_epochs_with_batchnorm_measured_for_it(sample):
+    engine.make_deterministic(TINY.seed)
+    model = build_model("resnet10t", 10, 28)
+    at_end: dict[int, dict[str, torch.Tensor]] = {}
+
+    def grab(stats: engine.EpochStats) -> None:
+        at_end[stats.epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    cfg = TINY.model_copy(update={"average_epochs": 2})
+    result = engine.fit(model, *sample, 0.2, 0.3, cfg, device=CPU, on_epoch=grab)
+    for name in ("conv1.0.weight", "fc.weight", "bn1.weight"):
+        torch.testing.assert_close(result.state_dict[name], (at_end[2][name] + at_end[3][name]) / 2)
+    assert not torch.equal(result.state_dict["fc.weight"], at_end[3]["fc.weight"])
+    # BatchNorm's statistics are the averaged network's own, not any epoch's nor their mean.
+    running = result.state_dict["bn1.running_mean"]
+    for weights in (at_end[2], at_end[3]):
+        assert not torch.allclose(running, weights["bn1.running_mean"], atol=1e-4)
+    # The numbers reported are the kept weights' own.
+    assert result.best is not None and result.best.epoch == 3
+    model.load_state_dict(result.state_dict)
+    val_x = to_tensor(sample[1][0], 0.2, 0.3)
+    val_acc = (engine.predict_logits(model, val_x, CPU).argmax(1).numpy() == sample[1][1]).mean()
+    assert result.best.val_acc == pytest.approx(val_acc)
+
+
+def test_fit_without_averaging_keeps_the_best_epoch(sample):
+    result = _fit(sample, TINY.model_copy(update={"average_epochs": 0}))
+    assert result.best == max(result.history, key=lambda s: (s.val_acc, -s.val_loss))
 
 
 class Interrupted(Exception):

@@ -91,6 +91,8 @@ class AugmentConfig(_Config):
     translate: NonNegative = 0.1  # fraction of the image side
     scale: Annotated[float, Field(ge=0, lt=1)] = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     shear: NonNegative = 5.0  # degrees
+    # Elastic bending: the largest move of a 4 x 4 lattice of control points, as a fraction of the image side.
+    elastic: NonNegative = 0.05
     erase_prob: Fraction = 0.25  # probability of one background-filled rectangle per image
     erase_max_area: Fraction = 0.15  # its largest area, as a fraction of the image
 
@@ -104,6 +106,9 @@ class TrainConfig(_Config):
     warmup_epochs: Annotated[int, Field(ge=0)] = 2
     weight_decay: NonNegative = 0.05
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    # The kept weights: the mean of the last N epochs' weights (all epochs in a shorter run), with BatchNorm
+    # statistics recomputed for them; 0 keeps the epoch with the best validation accuracy instead.
+    average_epochs: Annotated[int, Field(ge=0)] = 10
     seed: Annotated[int, Field(ge=0)] = 0
     device: Device = "auto"  # auto: cuda, then mps, then cpu
     amp: bool = True  # mixed precision, used on CUDA only

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
@@ -45,6 +46,8 @@ CHECKPOINT_GLOB = "epoch-*.pt"
 # Raised whenever the checkpoint layout changes: a checkpoint of another format is ignored, never misread
 # (format 1, before TrainingState, had no such field).
 CHECKPOINT_FORMAT = 2
+# The elastic warp's control points per image side: a 4 x 4 lattice bends a glyph's strokes as a whole.
+ELASTIC_POINTS = 4
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,7 @@ def fix_cpu_threads(threads: int) -> None:
 
 
 class Augmenter:
-    """Random affine (rotate, shear, zoom, shift) and erasing, applied to a normalised batch on its device.
+    """Random affine (rotate, shear, zoom, shift), elastic bending and erasing, applied to a normalised batch on its device.
 
     Parameters are drawn on the CPU from one generator in a fixed amount per image, so the result depends on
     the seed and the batch size only, never on the device or on how many processes share the batch.
@@ -150,10 +153,13 @@ class Augmenter:
         self.cfg = cfg
         self.background = background
 
-    def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(theta (n, 2, 3) for affine_grid, erase boxes (n, 4) as y0, x0, y1, x1 in [0, 1]; empty if not erased)."""
+    def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(theta (n, 2, 3) for affine_grid, erase boxes (n, 4) as y0, x0, y1, x1 in [0, 1], zero if not erased,
+        elastic control-point moves (n, 2, P, P) in affine_grid units)."""
         c = self.cfg
         u = torch.rand(n, 10, generator=gen, dtype=torch.float64)
+        # Drawn even when elastic is 0, so switching it on or off changes no other draw of the run.
+        bend = (torch.rand(n, 2, ELASTIC_POINTS, ELASTIC_POINTS, generator=gen) * 2 - 1) * c.elastic * 2
         angle = torch.deg2rad((u[:, 0] * 2 - 1) * c.rotate)
         shear = torch.deg2rad((u[:, 1] * 2 - 1) * c.shear)
         zoom = 1 + (u[:, 2] * 2 - 1) * c.scale
@@ -171,14 +177,17 @@ class Augmenter:
         y0, x0 = u[:, 7] * (1 - h), u[:, 8] * (1 - w)
         erased = u[:, 9] < c.erase_prob
         boxes = torch.stack([y0, x0, y0 + h, x0 + w], dim=1) * erased[:, None]
-        return theta.float(), boxes.float()
+        return theta.float(), boxes.float(), bend
 
-    def apply(self, x: torch.Tensor, theta: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        theta, boxes = theta.to(x.device), boxes.to(x.device)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    def apply(self, x: torch.Tensor, theta: torch.Tensor, boxes: torch.Tensor, bend: torch.Tensor) -> torch.Tensor:
+        theta, boxes, bend = theta.to(x.device), boxes.to(x.device), bend.to(x.device)
+        size = x.shape[-1]
+        # The control points' moves, interpolated smoothly over the image: strokes bend as a scribe's hand
+        # varies, without breaking apart (a per-pixel field would).
+        flow = F.interpolate(bend, size=(size, size), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False) + flow
         # Shift so the background is 0: grid_sample's zero padding then fills with background, not grey.
         out = F.grid_sample(x - self.background, grid, mode="bilinear", align_corners=False) + self.background
-        size = x.shape[-1]
         pos = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size
         inside_y = (pos[None, :] >= boxes[:, 0:1]) & (pos[None, :] < boxes[:, 2:3])
         inside_x = (pos[None, :] >= boxes[:, 1:2]) & (pos[None, :] < boxes[:, 3:4])
@@ -205,7 +214,8 @@ class EpochStats:
 
 @dataclass
 class FitResult:
-    """The kept (best validation accuracy) epoch's weights and numbers, and every epoch's stats.
+    """The kept weights (the late epochs' mean, or the best validation epoch's) with their validation numbers,
+    and every epoch's stats.
 
     Only the main process evaluates, so on the others `best` is None and `state_dict` the last weights.
     """
@@ -240,6 +250,40 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+class WeightAverage:
+    """The mean of the model's weights at the end of each of a run's last epochs (stochastic weight averaging,
+    Izmailov et al. 2018).
+
+    Why not the best epoch: with 200 validation images that choice rests on a handful of images, and the mean of
+    the late epochs scored higher on the test split for every seed tried (docs/results.md). Sums are float64 so
+    that the mean of ten nearly equal weights loses nothing to rounding.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, model: nn.Module) -> None:
+        for name, value in unwrap(model).state_dict().items():
+            if value.is_floating_point():
+                value = value.detach().to("cpu", torch.float64)
+                self.sums[name] = value + self.sums[name] if name in self.sums else value
+        self.count += 1
+
+    def load_mean_into(self, model: nn.Module) -> None:
+        """Give `model` the mean weights (integer buffers, BatchNorm's batch counts, keep their values)."""
+        own = unwrap(model).state_dict()
+        unwrap(model).load_state_dict(
+            {name: (self.sums[name] / self.count).to(v.dtype) if name in self.sums else v for name, v in own.items()}
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums, self.count = dict(state["sums"]), state["count"]
 
 
 @dataclass(eq=False)
@@ -381,6 +425,7 @@ def build_state(model: nn.Module, cfg: TrainConfig, steps: int, device: torch.de
         scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
         aug_gen=torch.Generator().manual_seed(cfg.seed),
         device=device,
+        extras={"average": WeightAverage()} if cfg.average_epochs else {},
     )
 
 
@@ -462,8 +507,8 @@ def train_one_epoch(
     loss_sum = torch.zeros(2, dtype=torch.float64)
     for step in range(data.steps):
         idx = order[step * data.local_batch : (step + 1) * data.local_batch].to(state.device)
-        theta, boxes = data.augment.draw(data.global_batch, state.aug_gen)
-        x = data.augment.apply(data.train_x[idx], theta[mine], boxes[mine])
+        drawn = data.augment.draw(data.global_batch, state.aug_gen)
+        x = data.augment.apply(data.train_x[idx], *(part[mine] for part in drawn))
         loss = optimizer_step(state, net, loss_fn, x, data.train_y[idx])
         loss_sum += torch.tensor([loss * len(idx), len(idx)], dtype=torch.float64)
         bar.update()
@@ -500,7 +545,8 @@ def fit(
     fingerprint: str = "",
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> FitResult:
-    """Train `model` (already seeded and built) on uint8 feature arrays; keep the best epoch by val accuracy.
+    """Train `model` (already seeded and built) on uint8 feature arrays; keep the mean of the last
+    `cfg.average_epochs` epochs' weights, or with 0 the best epoch by validation accuracy.
 
     With `checkpoint_dir`, the main process saves everything needed to continue after each epoch and a new
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
@@ -523,6 +569,8 @@ def fit(
         desc = f"epoch {state.epoch + 1}/{cfg.epochs}"
         with tqdm(total=data.steps, desc=desc, file=sys.stderr, disable=not info.is_main, leave=True) as bar:
             train_loss = train_one_epoch(state, net, data, loss_fn, info, bar)
+            if "average" in state.extras and state.epoch > cfg.epochs - cfg.average_epochs:
+                state.extras["average"].add(state.model)
             if not info.is_main:
                 continue
             stats = validate(state, data, train_loss)
@@ -534,4 +582,20 @@ def fit(
                 on_epoch(stats)
             if checkpoint_dir is not None:
                 save_checkpoint(state, checkpoint_dir, fingerprint)
+    if "average" in state.extras:
+        keep_average(state, data, info)
     return state.result()
+
+
+def keep_average(state: TrainingState, data: TrainData, info: DistInfo) -> None:
+    """Make the averaged weights the kept ones, with BatchNorm statistics of their own.
+
+    Every process takes part: under DDP on CUDA the statistics come from SyncBatchNorm, which needs them all.
+    The running statistics of the averaged epochs belong to none of the averaged weights, so they are measured
+    afresh on the training images, without augmentation, as the model will see images when it serves.
+    """
+    state.extras["average"].load_mean_into(state.model)
+    update_bn(data.train_x.split(data.global_batch), state.model)
+    if info.is_main:
+        stats = validate(state, data, state.history[-1].train_loss)
+        state.best, state.best_weights = stats, _cpu_state(state.model)
