@@ -91,7 +91,10 @@ def test_nested_unknown_keys_list_the_known_ones_and_errors_are_joined():
         parse_params(raw)
     message = str(caught.value)
     assert message.startswith("train") and "\n" not in message
-    assert "train: unknown key(s) ['epoch']; known: ['amp', 'augment', 'average_epochs', 'batch_size'," in message
+    assert (
+        "train: unknown key(s) ['epoch']; known: ['amp', 'augment', 'average_epochs', 'batch_size',"
+        in message
+    )
     assert (
         "train.augment: unknown key(s) ['rotat']; known: ['elastic', 'erase_max_area', 'erase_prob', 'rotate',"
         in message

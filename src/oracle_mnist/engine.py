@@ -143,7 +143,8 @@ def fix_cpu_threads(threads: int) -> None:
 
 
 class Augmenter:
-    """Random affine (rotate, shear, zoom, shift), elastic bending and erasing, applied to a normalised batch on its device.
+    """Random affine (rotate, shear, zoom, shift), elastic bending and erasing, applied to a normalised batch
+    on its device.
 
     Parameters are drawn on the CPU from one generator in a fixed amount per image, so the result depends on
     the seed and the batch size only, never on the device or on how many processes share the batch.
@@ -179,7 +180,9 @@ class Augmenter:
         boxes = torch.stack([y0, x0, y0 + h, x0 + w], dim=1) * erased[:, None]
         return theta.float(), boxes.float(), bend
 
-    def apply(self, x: torch.Tensor, theta: torch.Tensor, boxes: torch.Tensor, bend: torch.Tensor) -> torch.Tensor:
+    def apply(
+        self, x: torch.Tensor, theta: torch.Tensor, boxes: torch.Tensor, bend: torch.Tensor
+    ) -> torch.Tensor:
         theta, boxes, bend = theta.to(x.device), boxes.to(x.device), bend.to(x.device)
         size = x.shape[-1]
         # The control points' moves, interpolated smoothly over the image: strokes bend as a scribe's hand
@@ -276,7 +279,10 @@ class WeightAverage:
         """Give `model` the mean weights (integer buffers, BatchNorm's batch counts, keep their values)."""
         own = unwrap(model).state_dict()
         unwrap(model).load_state_dict(
-            {name: (self.sums[name] / self.count).to(v.dtype) if name in self.sums else v for name, v in own.items()}
+            {
+                name: (self.sums[name] / self.count).to(v.dtype) if name in self.sums else v
+                for name, v in own.items()
+            }
         )
 
     def state_dict(self) -> dict[str, Any]:
