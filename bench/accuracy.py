@@ -6,7 +6,7 @@ Both read the sample's idx files and split them as the prepare stage does (data.
 Paper recipe: conv 20@5x5, max-pool, conv 50@5x5, max-pool, fc 500, fc 10; SGD lr 0.1, momentum 0.5,
 batch 64, 15 epochs, inputs scaled to [-1, 1], no augmentation, last epoch kept. It trains on train + val
 (all 2,000 training images: it selects nothing on validation). Ours: exactly the train stage's code and
-params.yaml (features at featurize.image_size, best epoch on val), evaluated like the evaluate stage.
+params.yaml (features at featurize.image_size, the averaged weights kept), evaluated like the evaluate stage.
 Both run on the CPU with the same seed; the table's times are wall-clock training times.
 """
 
