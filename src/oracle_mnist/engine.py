@@ -372,6 +372,9 @@ class TrainData:
     global_batch: int
     local_batch: int
     steps: int  # batches per epoch
+    # Images of the averaged weights' BatchNorm pass: all, or as many as an epoch capped by
+    # train.batches_per_epoch trains on (a shrunken test run need not pay for a whole pass).
+    bn_images: int
 
 
 def prepare_data(
@@ -410,6 +413,7 @@ def prepare_data(
         global_batch=cfg.batch_size,
         local_batch=local_batch,
         steps=steps,
+        bn_images=len(train_x) if cfg.batches_per_epoch is None else steps * cfg.batch_size,
     )
 
 
@@ -601,7 +605,7 @@ def keep_average(state: TrainingState, data: TrainData, info: DistInfo) -> None:
     afresh on the training images, without augmentation, as the model will see images when it serves.
     """
     state.extras["average"].load_mean_into(state.model)
-    update_bn(data.train_x.split(data.global_batch), state.model)
+    update_bn(data.train_x[: data.bn_images].split(data.global_batch), state.model)
     if info.is_main:
         stats = validate(state, data, state.history[-1].train_loss)
         state.best, state.best_weights = stats, _cpu_state(state.model)
