@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, SAMPLE_DIR, make_repo_copy
+from helpers import REPO, SAMPLE_DIR, dvc, make_repo_copy
 
 # Set before anything imports timm/huggingface_hub/dvc, and inherited by every subprocess: a mistaken hub
 # download fails at once instead of hanging, and dvc never phones home from tests.
@@ -30,6 +30,15 @@ def repo_copy(tmp_path: Path, sample_dir: Path) -> Path:
     """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
     params pointing at the real sample and shrunken by TEST_PARAMS, committed as its first commit."""
     return make_repo_copy(tmp_path / "repo", sample_dir)
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
+    """One shrunken `dvc repro` of the whole pipeline, shared read-only by the modules that inspect its outputs
+    (train, serving); a test that changes it works on a copy."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", sample_dir)
+    dvc(repo, "repro", timeout=900)
+    return repo
 
 
 @pytest.fixture(scope="session")

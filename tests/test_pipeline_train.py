@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TEST_PARAMS, dvc, make_repo_copy, run, write_params
+from helpers import REPO, TEST_PARAMS, dvc, run, write_params
 from PIL import Image
 
 from oracle_mnist import engine
@@ -40,14 +40,6 @@ def one_thread_per_process():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path:
-    """One shrunken `dvc repro` of the whole pipeline, shared read-only; tests that change it use a clone."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", sample_dir)
-    dvc(repo, "repro")
-    return repo
 
 
 @pytest.fixture
