@@ -91,7 +91,8 @@ class AugmentConfig(_Config):
     translate: NonNegative = 0.1  # fraction of the image side
     scale: Annotated[float, Field(ge=0, lt=1)] = 0.1  # zoom uniform in [1 - scale, 1 + scale]
     shear: NonNegative = 5.0  # degrees
-    # Elastic bending: the largest move of a 4 x 4 lattice of control points, as a fraction of the image side.
+    # Elastic bending: the largest move of its control points (engine.ELASTIC_POINTS a side), as a fraction of
+    # the image side.
     elastic: NonNegative = 0.05
     erase_prob: Fraction = 0.25  # probability of one background-filled rectangle per image
     erase_max_area: Fraction = 0.15  # its largest area, as a fraction of the image
