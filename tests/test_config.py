@@ -34,6 +34,11 @@ def test_recipe_keys_take_a_number_or_auto():
         raw["train"][key] = value
         with pytest.raises(ConfigError, match=message):
             parse_params(raw)
+    raw = _raw()
+    raw["train"]["augment"] = {"cutmix": 1.5}
+    with pytest.raises(ConfigError, match=r"^train.augment.cutmix: must be <= 1.0 or 'auto', got 1.5$"):
+        parse_params(raw)
+    assert parse_params(_raw()).train.augment.cutmix == "auto"
 
 
 def test_unknown_key_is_named():
@@ -96,7 +101,7 @@ def test_nested_unknown_keys_list_the_known_ones_and_errors_are_joined():
         in message
     )
     assert (
-        "train.augment: unknown key(s) ['rotat']; known: ['elastic', 'erase_max_area', 'erase_prob', 'rotate',"
+        "train.augment: unknown key(s) ['rotat']; known: ['cutmix', 'elastic', 'erase_max_area', 'erase_prob',"
         in message
     )
     assert "; classes[1]: expected str, got 3" in message

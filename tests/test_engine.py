@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ from oracle_mnist.images import to_tensor
 from oracle_mnist.models import build_model
 
 CPU = torch.device("cpu")
-TINY = TrainConfig(epochs=3, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=3, seed=7)
+TINY = TrainConfig(
+    epochs=3,
+    lr=0.002,
+    warmup_epochs=1,
+    batch_size=32,
+    batches_per_epoch=3,
+    seed=7,
+    augment=AugmentConfig(cutmix=0.5),
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -65,9 +74,13 @@ def test_lr_factor_warms_up_linearly_then_follows_cosine_to_min():
     assert engine.lr_factor(0, 0, 10, 0.0) == pytest.approx(1.0)
 
 
+def _gens(seed: int) -> tuple[torch.Generator, torch.Generator]:
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
 def _only(**moves: float) -> engine.Augmenter:
     """An augmenter doing only `moves` (every other kind off), on a background of -1."""
-    off = dict(rotate=0, translate=0, scale=0, shear=0, elastic=0, erase_prob=0, erase_max_area=0)
+    off = dict(rotate=0, translate=0, scale=0, shear=0, elastic=0, erase_prob=0, erase_max_area=0, cutmix=0)
     return engine.Augmenter(AugmentConfig(**(off | moves)), background=-1.0)
 
 
@@ -75,15 +88,15 @@ def test_augmenter_without_moves_is_identity_and_fills_with_background():
     x = torch.rand(4, 1, 28, 28)
     gen = torch.Generator().manual_seed(0)
     off = _only()
-    torch.testing.assert_close(off.apply(x, *off.draw(4, gen)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(off.apply(x, off.draw(4, gen, gen)), x, atol=1e-5, rtol=0)
 
     # A pure shift moves content out at one edge and brings background, not zeros, in at the other.
     shift = _only(translate=0.25)
-    out = shift.apply(torch.full((64, 1, 28, 28), 3.0), *shift.draw(64, gen))
+    out = shift.apply(torch.full((64, 1, 28, 28), 3.0), shift.draw(64, gen, gen))
     assert (out == -1.0).any() and out.min() >= -1.0 - 1e-5
 
     erase = _only(erase_prob=1.0, erase_max_area=0.15)
-    out = erase.apply(torch.full((8, 1, 28, 28), 3.0), *erase.draw(8, gen))
+    out = erase.apply(torch.full((8, 1, 28, 28), 3.0), erase.draw(8, gen, gen))
     erased = (out == -1.0).float().mean(dim=(1, 2, 3))
     assert ((erased > 0) & (erased <= 0.2)).all()
 
@@ -94,7 +107,7 @@ def test_elastic_bending_moves_a_stroke_by_at_most_its_bound():
     x = torch.full((32, 1, 64, 64), -1.0)
     x[:, :, 8:56, 31:33] = 1.0
     bend = _only(elastic=0.05)
-    out = bend.apply(x, *bend.draw(32, torch.Generator().manual_seed(0)))
+    out = bend.apply(x, bend.draw(32, *_gens(0)))
     assert not torch.allclose(out, x, atol=0.1)
     ink_cols = (out[:, 0, 8:56] > 0).nonzero()[:, 2]
     assert ink_cols.min() >= 31 - 3.2 - 1 and ink_cols.max() <= 32 + 3.2 + 1
@@ -102,13 +115,41 @@ def test_elastic_bending_moves_a_stroke_by_at_most_its_bound():
     assert out.min() >= -1.0 - 1e-5  # the background comes in, never anything darker
 
 
+def test_cutmix_pastes_a_square_of_the_partner_and_shares_the_label_by_area():
+    n = 32
+    # Each image one flat value (its index), so every pixel says whose it is.
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, 28, 28).contiguous()
+    aug = _only(cutmix=1.0)
+    draw = aug.draw(n, *_gens(0))
+    mixed, own = aug.mix(x, x[draw.partner], draw)
+    for i, mate in enumerate(draw.partner.tolist()):
+        if mate == i:
+            continue
+        assert set(mixed[i].unique().tolist()) <= {float(i), float(mate)}
+        pasted = (mixed[i, 0] == mate).nonzero()
+        if len(pasted):
+            (y0, x0), (y1, x1) = pasted.min(0).values, pasted.max(0).values
+            assert len(pasted) == (y1 - y0 + 1) * (x1 - x0 + 1)  # one rectangle
+        assert own[i].item() == pytest.approx(1 - len(pasted) / 28**2)
+    assert own.min() < 0.5 and own.max() <= 1.0
+
+    # Off, nothing is pasted and each image is wholly its own.
+    off = _only()
+    mixed, own = off.mix(x, x[draw.partner], off.draw(n, *_gens(0)))
+    assert torch.equal(mixed, x) and (own == 1).all()
+
+
 def test_augmenter_draws_depend_on_seed_only():
-    aug = engine.Augmenter(AugmentConfig(), background=0.0)
-    first = aug.draw(16, torch.Generator().manual_seed(3))
-    again = aug.draw(16, torch.Generator().manual_seed(3))
-    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    aug = engine.Augmenter(AugmentConfig(cutmix=0.0), background=0.0)
+    first = aug.draw(16, *_gens(3))
+    again = aug.draw(16, *_gens(3))
+    assert all(torch.equal(getattr(first, f.name), getattr(again, f.name)) for f in fields(engine.Draw))
     # Never mirrored: the affine part keeps a positive determinant.
-    assert (torch.linalg.det(first[0][:, :, :2]) > 0).all()
+    assert (torch.linalg.det(first.theta[:, :, :2]) > 0).all()
+    # CutMix has a generator of its own: switching it on changes none of the other draws.
+    mixing = engine.Augmenter(AugmentConfig(cutmix=1.0), background=0.0).draw(16, *_gens(3))
+    assert mixing.paste.any() and not torch.equal(mixing.paste, first.paste)
+    assert all(torch.equal(getattr(mixing, k), getattr(first, k)) for k in ("theta", "erase", "bend"))
 
 
 def test_fit_is_bitwise_deterministic(sample, reference):
@@ -273,14 +314,17 @@ THREADS_SCRIPT = textwrap.dedent(
     os.sched_setaffinity(0, {int(core) for core in sys.argv[1].split(",")})
     import numpy as np, torch
     from oracle_mnist import engine
-    from oracle_mnist.config import TrainConfig
+    from oracle_mnist.config import AugmentConfig, TrainConfig
     from oracle_mnist.models import build_model
 
     engine.fix_cpu_threads(2)
     engine.make_deterministic(0)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), rng.integers(0, 10, 128)
-    cfg = TrainConfig(epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2)
+    cfg = TrainConfig(
+        epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2,
+        augment=AugmentConfig(cutmix=0.5),
+    )
     model = build_model("resnet10t", 10, 28)
     result = engine.fit(model, (x, y), (x[:32], y[:32]), 0.3, 0.3, cfg, device=torch.device("cpu"))
     digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.state_dict.values()))
@@ -315,7 +359,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys
     import numpy as np, torch
     from oracle_mnist import engine
-    from oracle_mnist.config import TrainConfig
+    from oracle_mnist.config import AugmentConfig, TrainConfig
 
     info = engine.init_distributed("cpu")
     engine.make_deterministic(0)
@@ -327,7 +371,10 @@ DDP_SCRIPT = textwrap.dedent(
     )
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256)
-    cfg = TrainConfig(epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=4)
+    # CutMix on every image: partners come from the other process's half of the batch too.
+    cfg = TrainConfig(
+        epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=4, augment=AugmentConfig(cutmix=1.0)
+    )
     result = engine.fit(model, (x, y), (x[:64], y[:64]), 0.3, 0.3, cfg, device=torch.device("cpu"), info=info)
     if info.is_main:
         torch.save(result.state_dict, sys.argv[1] + ".pt")

@@ -210,9 +210,12 @@ def test_a_model_no_recipe_suits_gets_an_error_saying_what_to_set():
         recipe_for("vit_tiny_patch16_224")
     with pytest.raises(OracleMnistError, match="'resnet_nope' is not a timm model"):
         recipe_for("resnet_nope")
-    # With all three values given there is nothing to work out: any timm model trains, as family "custom".
+    # With size, epochs and lr given there is nothing to work out: any timm model trains, as family "custom",
+    # with CutMix off unless set.
     given = {"image_size": 32}, {"epochs": 3, "lr": 0.001}
-    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001)
+    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001, 0.0)
+    given[1]["augment"] = {"cutmix": 0.25}
+    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001, 0.25)
     with pytest.raises(OracleMnistError, match="not a convolutional network"):
         resolve_recipe(_params("vit_tiny_patch16_224", {"image_size": 32}, {"epochs": 3}))
 
@@ -228,7 +231,10 @@ def test_resolve_recipe_fills_only_the_auto_values():
     assert (params.featurize.image_size, params.train.epochs, params.train.lr) == (
         expected.image_size, expected.epochs, expected.lr,
     )  # fmt: skip
+    assert params.train.augment.cutmix == expected.cutmix == 0.0
     assert recipe == expected
+    params, recipe = resolve_recipe(_params("resnet10t", *auto))
+    assert params.train.augment.cutmix == recipe.cutmix == RECIPES["dense"].cutmix > 0
     params, recipe = resolve_recipe(
         _params("mobilenetv3_small_100", {"image_size": 40}, {"epochs": 3, "lr": "auto"})
     )
@@ -237,5 +243,8 @@ def test_resolve_recipe_fills_only_the_auto_values():
 
 
 def test_resolve_recipe_checks_the_rules_that_need_the_resolved_values():
-    with pytest.raises(ConfigError, match=r"train.warmup_epochs: must be < epochs \(30\), got 30"):
-        resolve_recipe(_params("resnet10t", {}, {"warmup_epochs": 30}))
+    epochs = RECIPES["dense"].epochs
+    with pytest.raises(
+        ConfigError, match=rf"train.warmup_epochs: must be < epochs \({epochs}\), got {epochs}"
+    ):
+        resolve_recipe(_params("resnet10t", {}, {"warmup_epochs": epochs}))

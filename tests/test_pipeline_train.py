@@ -98,7 +98,8 @@ def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     # Only headline numbers are metrics (each is a `dvc exp show` column); per-class scores have their own file.
     scores = {"accuracy", "macro_f1", "top2_accuracy", "loss", "ece", "ece_uncalibrated"}
     assert set(report) == scores | {"recipe"}
-    assert report["recipe"] == "dense: 28 px, 2 epochs, lr 0.002"  # the shrunken config's, with lr: auto
+    # The shrunken config's, with lr and CutMix auto.
+    assert report["recipe"] == "dense: 28 px, 2 epochs, lr 0.002, CutMix 0.5"
     assert 0 <= report["accuracy"] <= report["top2_accuracy"] <= 1 and report["loss"] > 0
     report["per_class"] = json.loads((pipeline / "metrics/per_class.json").read_text())
     assert sum(c["support"] for c in report["per_class"].values()) == 400

@@ -96,6 +96,9 @@ class AugmentConfig(_Config):
     elastic: NonNegative = 0.05
     erase_prob: Fraction = 0.25  # probability of one background-filled rectangle per image
     erase_max_area: Fraction = 0.15  # its largest area, as a fraction of the image
+    # CutMix: the probability that an image gets a square of another image of its batch pasted in (area
+    # uniform in [0, 1]), its label then shared with the partner's by area; auto: per architecture.
+    cutmix: Fraction | Auto = "auto"
 
 
 class TrainConfig(_Config):

@@ -4,11 +4,13 @@ Everything a run carries between epochs is one `TrainingState` with one state_di
 a checkpoint is that state_dict with the run's fingerprint. `fit` drives named steps over it: prepare the data,
 build or resume the state, then per epoch train_one_epoch, validate, keep_best and save_checkpoint.
 
-Randomness has three sources, all seeded from `train.seed` and saved in each checkpoint: the model's initial
-weights (the caller seeds torch before building it), the batch order (DistributedSampler, seeded per epoch)
-and the augmentation (one CPU generator). Augmentation parameters are drawn for the whole global batch on every
-process and each process takes its own rows, so N processes see exactly the batches and augmented images that
-one process would; only the split of each batch's BatchNorm statistics differs (see README).
+Randomness has three sources, all seeded from `train.seed`: the model's initial weights (the caller seeds torch
+before building it), the batch order (one permutation per epoch, seeded by seed and epoch) and the augmentation
+(a CPU generator, and one of its own for CutMix, both saved in each checkpoint). The batch order and the
+augmentation parameters are drawn for the whole global batch on every process and each process takes its own
+rows, so N processes see exactly the batches and augmented images that one process would (CutMix partners
+too: every process holds the whole training split); only the split of each batch's BatchNorm statistics
+differs (see README).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +35,6 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from oracle_mnist.config import AugmentConfig, TrainConfig
@@ -44,10 +45,12 @@ from oracle_mnist.models import unwrap
 
 CHECKPOINT_GLOB = "epoch-*.pt"
 # Raised whenever the checkpoint layout changes: a checkpoint of another format is ignored, never misread
-# (format 1, before TrainingState, had no such field).
-CHECKPOINT_FORMAT = 2
+# (format 1, before TrainingState, had no such field; format 2 had no CutMix generator).
+CHECKPOINT_FORMAT = 3
 # The elastic warp's control points per image side: a 4 x 4 lattice bends a glyph's strokes as a whole.
 ELASTIC_POINTS = 4
+# CutMix's generator is seeded with train.seed plus this, so its stream is not the augmentation's own.
+MIX_SEED_OFFSET = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -142,25 +145,41 @@ def fix_cpu_threads(threads: int) -> None:
             torch.set_num_interop_threads(threads)
 
 
-class Augmenter:
-    """Random affine (rotate, shear, zoom, shift), elastic bending and erasing, applied to a normalised batch
-    on its device.
+@dataclass(frozen=True)
+class Draw:
+    """One batch's augmentation parameters, a row per image of the global batch."""
 
-    Parameters are drawn on the CPU from one generator in a fixed amount per image, so the result depends on
-    the seed and the batch size only, never on the device or on how many processes share the batch.
+    theta: torch.Tensor  # (n, 2, 3) for affine_grid
+    erase: torch.Tensor  # (n, 4) box as y0, x0, y1, x1 in [0, 1], zero if not erased
+    bend: torch.Tensor  # (n, 2, P, P) elastic control-point moves in affine_grid units
+    partner: torch.Tensor  # (n,) the CutMix partner's position in the global batch
+    paste: torch.Tensor  # (n, 4) the box the partner is pasted into, zero if none
+
+    def take(self, rows: torch.Tensor | slice) -> Draw:
+        return Draw(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+class Augmenter:
+    """Random affine (rotate, shear, zoom, shift), elastic bending, erasing and CutMix, applied to a
+    normalised batch on its device.
+
+    Parameters are drawn on the CPU from two generators (CutMix's own and one for the rest) in a fixed amount
+    per batch, so the result depends on the seed and the batch size only, never on the device or on how many
+    processes share the batch.
     """
 
     def __init__(self, cfg: AugmentConfig, background: float) -> None:
         self.cfg = cfg
         self.background = background
 
-    def draw(self, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(theta (n, 2, 3) for affine_grid, erase boxes (n, 4) as y0, x0, y1, x1 in [0, 1], zero if not erased,
-        elastic control-point moves (n, 2, P, P) in affine_grid units)."""
+    def draw(self, n: int, gen: torch.Generator, mix_gen: torch.Generator) -> Draw:
+        """Parameters for `n` images. CutMix draws from `mix_gen`, the rest from `gen`: each kind is drawn even
+        when it is off, so switching one on or off changes no other draw of the run."""
         c = self.cfg
         u = torch.rand(n, 10, generator=gen, dtype=torch.float64)
-        # Drawn even when elastic is 0, so switching it on or off changes no other draw of the run.
         bend = (torch.rand(n, 2, ELASTIC_POINTS, ELASTIC_POINTS, generator=gen) * 2 - 1) * c.elastic * 2
+        mix = torch.rand(n, 4, generator=mix_gen, dtype=torch.float64)
+        partner = torch.randperm(n, generator=mix_gen)
         angle = torch.deg2rad((u[:, 0] * 2 - 1) * c.rotate)
         shear = torch.deg2rad((u[:, 1] * 2 - 1) * c.shear)
         zoom = 1 + (u[:, 2] * 2 - 1) * c.scale
@@ -177,13 +196,18 @@ class Augmenter:
         h, w = (area * aspect).sqrt().clamp(max=1.0), (area / aspect).sqrt().clamp(max=1.0)
         y0, x0 = u[:, 7] * (1 - h), u[:, 8] * (1 - w)
         erased = u[:, 9] < c.erase_prob
-        boxes = torch.stack([y0, x0, y0 + h, x0 + w], dim=1) * erased[:, None]
-        return theta.float(), boxes.float(), bend
+        erase = torch.stack([y0, x0, y0 + h, x0 + w], dim=1) * erased[:, None]
 
-    def apply(
-        self, x: torch.Tensor, theta: torch.Tensor, boxes: torch.Tensor, bend: torch.Tensor
-    ) -> torch.Tensor:
-        theta, boxes, bend = theta.to(x.device), boxes.to(x.device), bend.to(x.device)
+        # CutMix's box: a square of uniform area (its Beta(1, 1)) around a uniform centre, cut at the edges.
+        half = mix[:, 1:2].sqrt() / 2
+        centre = mix[:, 2:4]
+        paste = torch.cat([(centre - half).clamp(min=0), (centre + half).clamp(max=1)], dim=1)
+        paste *= (mix[:, 0] < float(c.cutmix))[:, None]
+        return Draw(theta.float(), erase.float(), bend, partner, paste.float())
+
+    def apply(self, x: torch.Tensor, draw: Draw) -> torch.Tensor:
+        """The geometric moves and erasing of `draw` (one row per image of `x`)."""
+        theta, bend = draw.theta.to(x.device), draw.bend.to(x.device)
         size = x.shape[-1]
         # The control points' moves, interpolated smoothly over the image: strokes bend as a scribe's hand
         # varies, without breaking apart (a per-pixel field would).
@@ -191,11 +215,27 @@ class Augmenter:
         grid = F.affine_grid(theta, list(x.shape), align_corners=False) + flow
         # Shift so the background is 0: grid_sample's zero padding then fills with background, not grey.
         out = F.grid_sample(x - self.background, grid, mode="bilinear", align_corners=False) + self.background
-        pos = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size
-        inside_y = (pos[None, :] >= boxes[:, 0:1]) & (pos[None, :] < boxes[:, 2:3])
-        inside_x = (pos[None, :] >= boxes[:, 1:2]) & (pos[None, :] < boxes[:, 3:4])
-        mask = (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
-        return out.masked_fill(mask, self.background)
+        return out.masked_fill(_box_mask(draw.erase.to(x.device), size), self.background)
+
+    def mix(self, x: torch.Tensor, mate_x: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """CutMix: each image with its partner's (already augmented) pixels in its paste box, and the share of
+        each image still its own, by which the loss weighs its label against the partner's."""
+        mask = _box_mask(draw.paste.to(x.device), x.shape[-1])
+        return torch.where(mask, mate_x, x), 1 - mask.flatten(1).float().mean(dim=1)
+
+
+def mixed_target(y: torch.Tensor, mate_y: torch.Tensor, own: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class probabilities (n, num_classes): each image's label and its CutMix partner's, shared by `own`."""
+    own = own[:, None]
+    return own * F.one_hot(y, num_classes).float() + (1 - own) * F.one_hot(mate_y, num_classes).float()
+
+
+def _box_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, 1, size, size) bool: the pixels whose centres lie in each image's box (y0, x0, y1, x1 in [0, 1])."""
+    pos = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size
+    inside_y = (pos[None, :] >= boxes[:, 0:1]) & (pos[None, :] < boxes[:, 2:3])
+    inside_x = (pos[None, :] >= boxes[:, 1:2]) & (pos[None, :] < boxes[:, 3:4])
+    return (inside_y[:, :, None] & inside_x[:, None, :])[:, None]
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
@@ -305,6 +345,7 @@ class TrainingState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     aug_gen: torch.Generator
+    mix_gen: torch.Generator  # CutMix's own, so runs without it keep the draws of runs before it
     device: torch.device
     epoch: int = 0  # the last finished epoch
     history: list[EpochStats] = field(default_factory=list)
@@ -321,6 +362,7 @@ class TrainingState:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "aug_rng": self.aug_gen.get_state(),
+            "mix_rng": self.mix_gen.get_state(),
             # The global generators too: a model with dropout or stochastic depth draws from them.
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if cuda else None,
@@ -336,6 +378,7 @@ class TrainingState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.aug_gen.set_state(state["aug_rng"])
+        self.mix_gen.set_state(state["mix_rng"])
         torch.set_rng_state(state["torch_rng"])
         if self.device.type == "cuda" and state["cuda_rng"] is not None:
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -367,10 +410,9 @@ class TrainData:
     train_y: torch.Tensor
     val_x: torch.Tensor  # normalised, on the CPU: predict_logits moves it batch by batch
     val_y: torch.Tensor
-    sampler: DistributedSampler
+    seed: int  # the batch order's: epoch e shuffles with seed + e
     augment: Augmenter
     global_batch: int
-    local_batch: int
     steps: int  # batches per epoch
     # Images of the averaged weights' BatchNorm pass: all, or as many as an epoch capped by
     # train.batches_per_epoch trains on (a shrunken test run need not pay for a whole pass).
@@ -390,13 +432,9 @@ def prepare_data(
         raise OracleMnistError(
             f"train.batch_size: {cfg.batch_size} does not split evenly over {info.world_size} processes"
         )
-    local_batch = cfg.batch_size // info.world_size
     train_x, train_y = to_tensor(train[0], mean, std).to(device), torch.as_tensor(train[1]).long().to(device)
     background = float(to_tensor(np.zeros((1, 1), np.uint8), mean, std).item())
-    sampler = DistributedSampler(
-        range(len(train_x)), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed
-    )
-    steps = len(sampler) // local_batch
+    steps = len(train_x) // cfg.batch_size
     if cfg.batches_per_epoch is not None:
         steps = min(steps, cfg.batches_per_epoch)
     if steps < 1:
@@ -408,10 +446,9 @@ def prepare_data(
         train_y=train_y,
         val_x=to_tensor(val[0], mean, std),
         val_y=torch.as_tensor(val[1]).long(),
-        sampler=sampler,
+        seed=cfg.seed,
         augment=Augmenter(cfg.augment, background),
         global_batch=cfg.batch_size,
-        local_batch=local_batch,
         steps=steps,
         bn_images=len(train_x) if cfg.batches_per_epoch is None else steps * cfg.batch_size,
     )
@@ -434,6 +471,7 @@ def build_state(model: nn.Module, cfg: TrainConfig, steps: int, device: torch.de
         scheduler=scheduler,
         scaler=torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"),
         aug_gen=torch.Generator().manual_seed(cfg.seed),
+        mix_gen=torch.Generator().manual_seed(cfg.seed + MIX_SEED_OFFSET),
         device=device,
         extras={"average": WeightAverage()} if cfg.average_epochs else {},
     )
@@ -493,11 +531,20 @@ def wrap_distributed(state: TrainingState, info: DistInfo) -> nn.Module:
 
 
 def optimizer_step(
-    state: TrainingState, net: nn.Module, loss_fn: nn.Module, x: torch.Tensor, y: torch.Tensor
+    state: TrainingState,
+    net: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    mate: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
-    """One update on one batch (mixed precision when the scaler is on); returns the batch's loss."""
+    """One update on one batch (mixed precision when the scaler is on); returns the batch's loss.
+
+    `mate`: the CutMix partners' labels and each image's own share, for a loss on the mixed labels; without it
+    the loss takes the labels as they are (bit for bit the loss of runs before CutMix)."""
     with torch.autocast("cuda", dtype=torch.float16, enabled=state.scaler.is_enabled()):
-        loss = loss_fn(net(x), y)
+        logits = net(x)
+        loss = loss_fn(logits, y if mate is None else mixed_target(y, *mate, logits.shape[1]))
     state.optimizer.zero_grad(set_to_none=True)
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
@@ -510,16 +557,25 @@ def train_one_epoch(
     state: TrainingState, net: nn.Module, data: TrainData, loss_fn: nn.Module, info: DistInfo, bar: tqdm
 ) -> float:
     """Epoch `state.epoch + 1` over this process's share of the batches; the mean loss over all processes."""
-    data.sampler.set_epoch(state.epoch + 1)
-    order = torch.as_tensor(list(data.sampler))
+    # The permutation DistributedSampler would draw, taken whole: every process knows the global batch, so a
+    # CutMix partner may be any image of it, whichever process trains on it.
+    order = torch.randperm(
+        len(data.train_x), generator=torch.Generator().manual_seed(data.seed + state.epoch + 1)
+    )
     mine = slice(info.rank, None, info.world_size)
     net.train()
     loss_sum = torch.zeros(2, dtype=torch.float64)
     for step in range(data.steps):
-        idx = order[step * data.local_batch : (step + 1) * data.local_batch].to(state.device)
-        drawn = data.augment.draw(data.global_batch, state.aug_gen)
-        x = data.augment.apply(data.train_x[idx], *(part[mine] for part in drawn))
-        loss = optimizer_step(state, net, loss_fn, x, data.train_y[idx])
+        batch = order[step * data.global_batch : (step + 1) * data.global_batch].to(state.device)
+        drawn = data.augment.draw(data.global_batch, state.aug_gen, state.mix_gen)
+        own, idx = drawn.take(mine), batch[mine]
+        x, mate = data.augment.apply(data.train_x[idx], own), None
+        if data.augment.cfg.cutmix:
+            mate_idx = batch[own.partner.to(batch.device)]
+            mate_x = data.augment.apply(data.train_x[mate_idx], drawn.take(own.partner))
+            x, own_share = data.augment.mix(x, mate_x, own)
+            mate = (data.train_y[mate_idx], own_share)
+        loss = optimizer_step(state, net, loss_fn, x, data.train_y[idx], mate)
         loss_sum += torch.tensor([loss * len(idx), len(idx)], dtype=torch.float64)
         bar.update()
         bar.set_postfix(loss=f"{loss_sum[0].item() / loss_sum[1].item():.4f}")
@@ -562,9 +618,10 @@ def fit(
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
     (replayed ones first after a resume) on the main process.
     """
-    if cfg.epochs == "auto" or cfg.lr == "auto":
+    if "auto" in (cfg.epochs, cfg.lr, cfg.augment.cutmix):
         raise OracleMnistError(
-            "train.epochs, train.lr: 'auto' must be resolved first (models.resolve_recipe)"
+            "train.epochs, train.lr, train.augment.cutmix: 'auto' must be resolved first "
+            "(models.resolve_recipe)"
         )
     data = prepare_data(train, val, mean, std, cfg, device, info)
     state = build_state(model, cfg, data.steps, device)
