@@ -572,7 +572,12 @@ def train_one_epoch(
         x, mate = data.augment.apply(data.train_x[idx], own), None
         if data.augment.cfg.cutmix:
             mate_idx = batch[own.partner.to(batch.device)]
-            mate_x = data.augment.apply(data.train_x[mate_idx], drawn.take(own.partner))
+            # One process already holds the whole batch augmented (the same pixels a second pass would give:
+            # each image's moves are its own); under DDP a partner may be another process's, so it is redone.
+            if info.distributed:
+                mate_x = data.augment.apply(data.train_x[mate_idx], drawn.take(own.partner))
+            else:
+                mate_x = x[own.partner.to(x.device)]
             x, own_share = data.augment.mix(x, mate_x, own)
             mate = (data.train_y[mate_idx], own_share)
         loss = optimizer_step(state, net, loss_fn, x, data.train_y[idx], mate)
