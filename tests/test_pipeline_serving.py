@@ -36,11 +36,10 @@ def test_export_stage_runs_after_train_and_is_then_up_to_date(pipeline: Path):
 
 
 def test_cli_classifies_a_real_image_with_the_pipelines_models(pipeline: Path, glyph: Path):
-    image = glyph
     rows = {}
     for backend in ("torch", "onnx"):
         proc = subprocess.run(
-            [sys.executable, "-m", "oracle_mnist.cli", "predict", str(image), "--json", "--backend", backend],
+            [sys.executable, "-m", "oracle_mnist.cli", "predict", str(glyph), "--json", "--backend", backend],
             cwd=pipeline,
             capture_output=True,
             text=True,
