@@ -49,8 +49,10 @@ def main() -> None:
 
     # Per-class scores go to their own file: in the metrics file each would be a `dvc exp show` column.
     write_json(PER_CLASS_SCORES, report.pop("per_class"))
-    # The recipe in force (auto or set) beside the scores it produced: one `dvc exp show` column, not four.
-    write_json(METRICS, {**report, "recipe": str(Recipe(**meta.recipe)) if meta.recipe else "not recorded"})
+    # The recipe in force (auto or set) beside the scores it produced: one `dvc exp show` column, not four; and
+    # the precision it trained in, which makes the same params give other scores on another machine.
+    recipe = str(Recipe(**meta.recipe)) if meta.recipe else "not recorded"
+    write_json(METRICS, {**report, "recipe": recipe, "precision": meta.precision or "not recorded"})
     write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
     write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
     for name, path in RELIABILITY.items():

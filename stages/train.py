@@ -84,13 +84,18 @@ def main() -> None:
             print(f"training on CPU with {cfg.threads} threads per process (train.threads)", file=sys.stderr)
     engine.make_deterministic(cfg.seed)
     model = build_model(params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file)
+    precision = str(engine.amp_dtype(device, cfg.amp, model) or torch.float32).removeprefix("torch.")
+    if info.is_main:
+        print(f"training {params.model} on {device.type} in {precision} (train.amp)", file=sys.stderr)
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
     data_hash = engine.digest_arrays(*train, *val)
     params_hash = engine.digest_json(
         {"model": params.model, "classes": params.classes, "train": cfg.model_dump()}
     )
-    run_key = engine.digest_json([params_hash, data_hash, info.world_size])
+    # The precision too: train.amp gives bfloat16 on one CPU and float32 on another, and a run must not resume
+    # in another precision than it started.
+    run_key = engine.digest_json([params_hash, data_hash, info.world_size, precision])
 
     live = Live(str(LIVE_DIR), save_dvc_exp=False, dvcyaml=None) if info.is_main else None
     checkpoints = CHECKPOINTS / run_key[:16]
@@ -113,6 +118,7 @@ def main() -> None:
             metrics={"val_acc": kept.val_acc, "val_loss": kept.val_loss, "train_loss": kept.train_loss},
             epoch=kept.epoch,
             recipe=dataclasses.asdict(recipe),
+            precision=precision,
         )
         meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))
         save_model(MODEL, model, meta)

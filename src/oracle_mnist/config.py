@@ -115,7 +115,9 @@ class TrainConfig(_Config):
     average_epochs: Annotated[int, Field(ge=0)] = 10
     seed: Annotated[int, Field(ge=0)] = 0
     device: Device = "auto"  # auto: cuda, then mps, then cpu
-    amp: bool = True  # mixed precision, used on CUDA only
+    # Mixed precision where it is faster (engine.amp_dtype): float16 on CUDA; bfloat16 on CPUs with AVX512-BF16
+    # or AMX for networks without depthwise convolutions; float32 elsewhere. Off: float32 everywhere.
+    amp: bool = True
     pretrained: bool = False
     weights_file: str | None = None  # local pretrained weights (offline); None: timm's download
     batches_per_epoch: Positive | None = None  # None: the whole training split each epoch

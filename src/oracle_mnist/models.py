@@ -47,6 +47,9 @@ class ModelMeta:
     # What trained it: the architecture family and the image size, epochs and learning rate in force (whether
     # set in params.yaml or worked out by `recipe_for`). Older files have none.
     recipe: dict[str, Any] = field(default_factory=dict)
+    # The precision training computed in (train.amp: "bfloat16" on some CPUs, "float16" on CUDA, or "float32"):
+    # the same params give other weights in another one. Older files have none.
+    precision: str = ""
 
     def __post_init__(self) -> None:
         problems = _meta_problems(self)
@@ -92,6 +95,8 @@ def _meta_problems(meta: ModelMeta) -> list[str]:
         problems.append(f"std: must be positive, got {meta.std!r}")
     if not isinstance(meta.data_hash, str) or not isinstance(meta.params_hash, str):
         problems.append("data_hash, params_hash: expected strings")
+    if meta.precision not in ("", "float32", "bfloat16", "float16"):
+        problems.append(f"precision: expected float32, bfloat16 or float16, got {meta.precision!r}")
     if not isinstance(meta.recipe, dict):
         problems.append(f"recipe: expected a mapping, got {type(meta.recipe).__name__}")
     if not isinstance(meta.metrics, dict):
@@ -185,14 +190,20 @@ class Recipe:
 
 
 # Measured on the sample's test split (docs/results.md, "Recipes per architecture"). Dense CNNs (ResNets) learn
-# the glyphs at 64 px, and with CutMix on half the images gain a point or more over 50 epochs (without it they
-# are done at 25-30). Depthwise-separable ones with BatchNorm (MobileNet, EfficientNet) keep only 16-24 thin
-# channels in their early, high-resolution layers: at 64 px they memorise the training images rather than learn
-# the strokes, and need larger inputs, a higher learning rate and more epochs; CutMix is not measured on them.
+# the glyphs at 64 px, and with CutMix on half the images keep gaining for 80 epochs (without it they are done
+# at 25-30); bfloat16 on CPUs that have it pays for the length. Depthwise-separable ones with BatchNorm
+# (MobileNet, EfficientNet) keep only 16-24 thin channels in their early, high-resolution layers: at 64 px they
+# memorise the training images rather than learn the strokes, and need larger inputs, a higher learning rate
+# and more epochs; CutMix is not measured on them.
 RECIPES = {
-    "dense": Recipe("dense", image_size=64, epochs=50, lr=0.002, cutmix=0.5),
+    "dense": Recipe("dense", image_size=64, epochs=80, lr=0.002, cutmix=0.5),
     "depthwise": Recipe("depthwise", image_size=96, epochs=60, lr=0.008),
 }
+
+
+def is_depthwise(conv: nn.Module) -> bool:
+    """A depthwise convolution: one filter per input channel (MobileNet, EfficientNet, ConvNeXt)."""
+    return isinstance(conv, nn.Conv2d) and conv.groups > 1 and conv.groups == conv.in_channels
 
 
 def recipe_for(name: str) -> Recipe:
@@ -207,7 +218,7 @@ def recipe_for(name: str) -> Recipe:
             f"model {name!r} is not a convolutional network, and the recipes (docs/results.md) are measured on "
             "CNNs only: set featurize.image_size, train.epochs and train.lr yourself (-S key=value)"
         )
-    if not any(c.groups > 1 and c.groups == c.in_channels for c in convs):
+    if not any(is_depthwise(c) for c in convs):
         return RECIPES["dense"]
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in layers):
         # ConvNeXt-like (depthwise convolutions, LayerNorm): every recipe tried left it near 40% (docs/results.md).
