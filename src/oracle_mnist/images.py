@@ -331,7 +331,17 @@ def _ground_plane(work: np.ndarray) -> np.ndarray:
     """(a, b, c) of the ground g(y, x) = a + b*y + c*x of a light-on-dark image (working coordinates).
 
     Fitted to a low percentile of each cell of a grid, three times, each fit to the lower half of the cells
-    under the previous one, so cells the glyph or a frame's texture covers do not lift or tilt the ground."""
+    under the previous one, so cells the glyph or a frame's texture covers do not lift or tilt the ground.
+    A tilted ground is then fitted again with the tilt taken out: within a cell a lighting gradient pulls the
+    low percentile towards the cell's darker side, and that bias would leave the ground grey, not 0."""
+    coef = _fit_ground(work)
+    if coef[1] == 0 and coef[2] == 0:
+        return coef
+    rows, cols = np.mgrid[0 : work.shape[0], 0 : work.shape[1]]
+    return _fit_ground(work - (coef[1] * rows + coef[2] * cols)) + np.array([0.0, coef[1], coef[2]])
+
+
+def _fit_ground(work: np.ndarray) -> np.ndarray:
     h, w = work.shape
     cells = max(1, min(GROUND_CELLS, h // 3, w // 3))
     ch, cw = h // cells, w // cells
