@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,36 @@ def test_dimensions_not_matching_payload_are_refused(tmp_path: Path):
         OracleMnistError, match=r"short.gz: idx dimensions \(3, 2, 2\) need 12 data bytes, file has 11"
     ):
         read_idx(path)
+
+
+def test_a_declared_size_over_the_limit_is_refused_before_reading(tmp_path: Path):
+    path = tmp_path / "huge.gz"
+    header = bytes.fromhex("00000803") + np.asarray([2**20, 2**10, 2**10], dtype=">u4").tobytes()
+    path.write_bytes(gzip.compress(header))
+    with pytest.raises(
+        OracleMnistError, match=r"huge.gz: idx dimensions \(1048576, 1024, 1024\) declare .* over"
+    ):
+        read_idx(path)
+
+
+def test_a_gzip_bomb_behind_a_small_header_is_refused_without_inflating_it(tmp_path: Path):
+    """64 MB of zeros (64 kB compressed) after a header declaring one 28x28 image."""
+    path = tmp_path / "bomb-images-idx3-ubyte.gz"
+    with gzip.GzipFile(path, "wb", compresslevel=1) as gz:
+        gz.write(bytes.fromhex("00000803") + np.asarray([1, 28, 28], dtype=">u4").tobytes())
+        zeros = bytes(2**20)
+        for _ in range(64):
+            gz.write(zeros)
+    tracemalloc.start()
+    try:
+        with pytest.raises(
+            OracleMnistError, match=r"bomb-images-idx3-ubyte.gz: .* need 784 data bytes, file has more"
+        ):
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20
 
 
 def test_image_files_must_hold_square_images(tmp_path: Path):

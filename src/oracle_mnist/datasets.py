@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import sys
 import zipfile
@@ -35,35 +36,58 @@ SPLITS = ("train", "val", "test")
 _UBYTE = 0x08
 
 
+# The most data one idx file may declare. The full Oracle-MNIST's largest file holds 21 MB; this leaves room for
+# a dataset a hundred times that, and refuses a header declaring more before anything is allocated.
+MAX_IDX_BYTES = 2**31
+
+
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read a gzip-compressed idx file into a uint8 array, refusing anything malformed."""
+    """Read a gzip-compressed idx file into a uint8 array, refusing anything malformed.
+
+    The header is read first and only the data it declares after it (plus one byte, to notice more), so a
+    gzip bomb behind a small header costs its declared size at most, never its decompressed size.
+    """
     path = Path(path)
     try:
         with gzip.open(path, "rb") as fh:
-            data = fh.read()
+            magic = fh.read(4)
+            ndim = _check_magic(path, magic)
+            raw_dims = fh.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise OracleMnistError(
+                    f"{path}: idx header truncated ({4 + len(raw_dims)} of {4 + 4 * ndim} bytes)"
+                )
+            dims = tuple(int(d) for d in np.frombuffer(raw_dims, dtype=">u4"))
+            expected = math.prod(dims)
+            if expected > MAX_IDX_BYTES:
+                raise OracleMnistError(
+                    f"{path}: idx dimensions {dims} declare {expected} data bytes, over the limit of "
+                    f"{MAX_IDX_BYTES} (oracle_mnist.datasets.MAX_IDX_BYTES)"
+                )
+            data = fh.read(expected)
+            extra = fh.read(1)
     except FileNotFoundError:
         raise OracleMnistError(f"{path}: file not found") from None
     except gzip.BadGzipFile as exc:
         raise OracleMnistError(f"{path}: not a gzip file ({exc})") from None
     except (EOFError, zlib.error) as exc:
         raise OracleMnistError(f"{path}: truncated or corrupt gzip data ({exc})") from None
-    if len(data) < 4:
-        raise OracleMnistError(f"{path}: {len(data)} bytes, too short for an idx header")
-    zero0, zero1, dtype, ndim = data[:4]
+    if len(data) != expected or extra:
+        found = "more" if extra else str(len(data))
+        raise OracleMnistError(f"{path}: idx dimensions {dims} need {expected} data bytes, file has {found}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims).copy()
+
+
+def _check_magic(path: Path, magic: bytes) -> int:
+    """The number of dimensions an idx header's first 4 bytes declare, or an error naming `path`."""
+    if len(magic) < 4:
+        raise OracleMnistError(f"{path}: {len(magic)} bytes, too short for an idx header")
+    zero0, zero1, dtype, ndim = magic
     if zero0 != 0 or zero1 != 0 or dtype != _UBYTE or ndim == 0:
         raise OracleMnistError(
-            f"{path}: wrong idx magic number 0x{data[:4].hex()} (expected 0x000008NN, unsigned bytes)"
+            f"{path}: wrong idx magic number 0x{magic.hex()} (expected 0x000008NN, unsigned bytes)"
         )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise OracleMnistError(f"{path}: idx header truncated ({len(data)} of {header} bytes)")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64))
-    if len(data) - header != expected:
-        raise OracleMnistError(
-            f"{path}: idx dimensions {dims} need {expected} data bytes, file has {len(data) - header}"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims).copy()
+    return ndim
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> None:
