@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     train = load_params(REPO / "params.yaml").train
     engine.fix_cpu_threads(args.threads or train.threads)
-    native = engine.amp_dtype(CPU, True, torch.nn.Identity()) == torch.bfloat16
+    native = engine.native_bf16()
     print(f"{torch.get_num_threads()} threads, batch {train.batch_size}, native bfloat16: {native}")
     print(
         f"{'model':<24}{'px':>4}{'float32':>10}{'channels-last':>15}{'+ bfloat16':>12}  the engine's choice"
@@ -68,7 +68,7 @@ def main() -> None:
         used = bf16 if chosen == torch.bfloat16 else last
         print(
             f"{name:<24}{size:>4}{plain:>9.3f}s{last:>14.3f}s{bf16:>11.3f}s  "
-            f"{str(chosen or torch.float32).removeprefix('torch.')} channels-last, {plain / used:.2f}x as fast"
+            f"{engine.precision_name(chosen)} channels-last, {plain / used:.2f}x as fast"
         )
 
 

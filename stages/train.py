@@ -84,7 +84,7 @@ def main() -> None:
             print(f"training on CPU with {cfg.threads} threads per process (train.threads)", file=sys.stderr)
     engine.make_deterministic(cfg.seed)
     model = build_model(params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file)
-    precision = str(engine.amp_dtype(device, cfg.amp, model) or torch.float32).removeprefix("torch.")
+    precision = engine.precision_name(engine.amp_dtype(device, cfg.amp, model))
     if info.is_main:
         print(f"training {params.model} on {device.type} in {precision} (train.amp)", file=sys.stderr)
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.

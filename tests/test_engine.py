@@ -316,6 +316,15 @@ def test_amp_trains_in_bfloat16_on_cpu_only_where_native_and_faster(native, monk
     assert engine.amp_dtype(CPU, False, dense) is None
     assert engine.amp_dtype(torch.device("cuda"), True, depthwise) == torch.float16
     assert engine.amp_dtype(torch.device("cuda"), False, depthwise) is None
+    assert engine.native_bf16() is native
+
+
+def test_precision_names_are_the_model_files_values():
+    assert [engine.precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == [
+        "float32",
+        "bfloat16",
+        "float16",
+    ]
 
 
 def test_training_state_holds_the_chosen_precision_and_channels_last_weights(monkeypatch):

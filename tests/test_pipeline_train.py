@@ -102,8 +102,8 @@ def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     assert report["recipe"] == "dense: 28 px, 2 epochs, lr 0.002, CutMix 0.5"
     # train.amp's choice for this CPU, as recorded in the model file.
     model, meta = load_model(pipeline / "models/model.pt")
-    chosen = engine.amp_dtype(torch.device("cpu"), True, model) or torch.float32
-    assert report["precision"] == meta.precision == str(chosen).removeprefix("torch.")
+    chosen = engine.amp_dtype(torch.device("cpu"), True, model)
+    assert report["precision"] == meta.precision == engine.precision_name(chosen)
     assert 0 <= report["accuracy"] <= report["top2_accuracy"] <= 1 and report["loss"] > 0
     report["per_class"] = json.loads((pipeline / "metrics/per_class.json").read_text())
     assert sum(c["support"] for c in report["per_class"].values()) == 400

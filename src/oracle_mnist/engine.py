@@ -128,10 +128,19 @@ def amp_dtype(device: torch.device, enabled: bool, model: nn.Module) -> torch.dt
         return None
     if device.type == "cuda":
         return torch.float16
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if device.type == "cpu" and native_bf16 and not any(is_depthwise(m) for m in model.modules()):
+    if device.type == "cpu" and native_bf16() and not any(is_depthwise(m) for m in model.modules()):
         return torch.bfloat16
     return None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); elsewhere oneDNN emulates it."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The name `amp_dtype`'s choice is recorded under (model file, evaluate.json, logs); None is float32."""
+    return str(dtype or torch.float32).removeprefix("torch.")
 
 
 def make_deterministic(seed: int) -> None:
