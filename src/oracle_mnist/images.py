@@ -342,6 +342,7 @@ def _ground_plane(work: np.ndarray) -> np.ndarray:
 
 
 def _fit_ground(work: np.ndarray) -> np.ndarray:
+    """One fit of `_ground_plane`'s (a, b, c): the low cells' plane, with no correction for a tilt."""
     h, w = work.shape
     cells = max(1, min(GROUND_CELLS, h // 3, w // 3))
     ch, cw = h // cells, w // cells
