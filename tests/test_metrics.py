@@ -48,6 +48,7 @@ def test_evaluate_works_with_two_classes():
     assert report["loss"] == pytest.approx(-np.mean(np.log([0.8, 0.4, 0.7])), abs=1e-6)
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch and timm: 3.6 s, a twentieth of the fast tier
 def test_importing_the_serving_side_does_not_load_scikit_learn():
     code = "import sys, oracle_mnist.inference, oracle_mnist.metrics; print('sklearn' in sys.modules)"
     proc = subprocess.run(

@@ -1,11 +1,12 @@
 """The GCS remote for real, against gcp-storage-emulator on 127.0.0.1: a pushed result comes back on a fresh
 clone and reproduces nothing; a corrupted remote object is refused; a remote that stops answering fails
-clearly in bounded time. The shrunken pipeline (TEST_PARAMS) runs once for the module."""
+clearly in bounded time. The session's shrunken pipeline (TEST_PARAMS) is pushed once for the module."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 from configobj import ConfigObj
-from helpers import REPO, dvc, free_port, git, make_repo_copy, serve_command, write_params
+from helpers import REPO, dvc, free_port, git, serve_command, write_params
 
 from oracle_mnist.fsutil import sha256_file
 from oracle_mnist.report import write_report
@@ -120,11 +121,11 @@ def tree_digest(path: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def origin(emulator: Emulator, sample_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shrunken pipeline run once, its results committed (dvc.lock) and pushed with the run-cache."""
-    repo = make_repo_copy(tmp_path_factory.mktemp("origin") / "repo", sample_dir)
+def origin(emulator: Emulator, pipeline: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shrunken pipeline's results (a copy of the session's run: one `dvc repro` fewer in the suite)
+    committed (dvc.lock) and pushed with the run-cache."""
+    repo = Path(shutil.copytree(pipeline, tmp_path_factory.mktemp("origin") / "repo", symlinks=True))
     use_endpoint(repo, emulator.endpoint)
-    dvc(repo, "repro")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "results")
     dvc(repo, "push", "--run-cache")
