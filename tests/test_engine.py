@@ -429,13 +429,13 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     script = tmp_path / "ddp_fit.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     # Both at once (the numbers cannot depend on timing): less wall time than one after the other.
     procs = [
         subprocess.Popen(
             [*cmd, str(tmp_path / out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-        for cmd, out in [([sys.executable, str(script)], "single"), (ddp, "ddp")]
+        for cmd, out in [([sys.executable, str(script)], "single"), ([*torchrun, str(script)], "ddp")]
     ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
