@@ -22,7 +22,7 @@ from oracle_mnist.config import AugmentConfig, TrainConfig
 from oracle_mnist.datasets import read_idx_split
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.images import to_tensor
-from oracle_mnist.models import build_model
+from oracle_mnist.models import PRECISIONS, build_model
 
 CPU = torch.device("cpu")
 TINY = TrainConfig(
@@ -320,11 +320,8 @@ def test_amp_trains_in_bfloat16_on_cpu_only_where_native_and_faster(native, monk
 
 
 def test_precision_names_are_the_model_files_values():
-    assert [engine.precision_name(d) for d in (None, torch.bfloat16, torch.float16)] == [
-        "float32",
-        "bfloat16",
-        "float16",
-    ]
+    names = [engine.precision_name(d) for d in (None, torch.bfloat16, torch.float16)]
+    assert names == ["float32", "bfloat16", "float16"] == list(PRECISIONS)
 
 
 def test_training_state_holds_the_chosen_precision_and_channels_last_weights(monkeypatch):

@@ -137,7 +137,7 @@ def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
         ({"temperature": float("inf")}, "temperature: expected a finite number above 0, got inf"),
         ({"temperature": True}, "temperature: expected a finite number above 0, got True"),
         ({"temperature": "2"}, "temperature: expected a finite number above 0, got '2'"),
-        ({"precision": "fp8"}, "precision: expected float32, bfloat16 or float16, got 'fp8'"),
+        ({"precision": "fp8"}, "precision: expected one of float32, bfloat16, float16, got 'fp8'"),
     ],
 )
 def test_model_meta_refuses_unusable_values(changes, message):

@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 # work at 224; nothing in this project should need more).
 _MAX_PROBE_SIZE = 256
 
+# The precisions a saved model may have been trained in (ModelMeta.precision), named as engine.precision_name
+# names torch's dtypes.
+PRECISIONS = ("float32", "bfloat16", "float16")
+
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -95,8 +99,8 @@ def _meta_problems(meta: ModelMeta) -> list[str]:
         problems.append(f"std: must be positive, got {meta.std!r}")
     if not isinstance(meta.data_hash, str) or not isinstance(meta.params_hash, str):
         problems.append("data_hash, params_hash: expected strings")
-    if meta.precision not in ("", "float32", "bfloat16", "float16"):
-        problems.append(f"precision: expected float32, bfloat16 or float16, got {meta.precision!r}")
+    if meta.precision not in ("", *PRECISIONS):
+        problems.append(f"precision: expected one of {', '.join(PRECISIONS)}, got {meta.precision!r}")
     if not isinstance(meta.recipe, dict):
         problems.append(f"recipe: expected a mapping, got {type(meta.recipe).__name__}")
     if not isinstance(meta.metrics, dict):
