@@ -237,6 +237,10 @@ def test_resolve_recipe_fills_only_the_auto_values():
     assert recipe == expected
     params, recipe = resolve_recipe(_params("resnet10t", *auto))
     assert params.train.augment.cutmix == recipe.cutmix == RECIPES["dense"].cutmix > 0
+    # Dense networks keep a longer mean of their late epochs than depthwise ones (docs/results.md).
+    assert params.train.average_epochs == recipe.average_epochs == 30 > expected.average_epochs == 10
+    params, recipe = resolve_recipe(_params("resnet10t", auto[0], {**auto[1], "average_epochs": 0}))
+    assert params.train.average_epochs == recipe.average_epochs == 0 and str(recipe).endswith(", best epoch")
     params, recipe = resolve_recipe(
         _params("mobilenetv3_small_100", {"image_size": 40}, {"epochs": 3, "lr": "auto"})
     )

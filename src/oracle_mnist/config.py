@@ -111,8 +111,9 @@ class TrainConfig(_Config):
     weight_decay: NonNegative = 0.05
     label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
     # The kept weights: the mean of the last N epochs' weights (all epochs in a shorter run), with BatchNorm
-    # statistics recomputed for them; 0 keeps the epoch with the best validation accuracy instead.
-    average_epochs: Annotated[int, Field(ge=0)] = 10
+    # statistics recomputed for them; 0 keeps the epoch with the best validation accuracy instead; auto: per
+    # architecture.
+    average_epochs: Annotated[int, Field(ge=0)] | Auto = "auto"
     seed: Annotated[int, Field(ge=0)] = 0
     device: Device = "auto"  # auto: cuda, then mps, then cpu
     # Mixed precision where it is faster (engine.amp_dtype): float16 on CUDA; bfloat16 on CPUs with AVX512-BF16

@@ -658,9 +658,9 @@ def fit(
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
     (replayed ones first after a resume) on the main process.
     """
-    if "auto" in (cfg.epochs, cfg.lr, cfg.augment.cutmix):
+    if "auto" in (cfg.epochs, cfg.lr, cfg.augment.cutmix, cfg.average_epochs):
         raise OracleMnistError(
-            "train.epochs, train.lr, train.augment.cutmix: 'auto' must be resolved first "
+            "train.epochs, train.lr, train.augment.cutmix, train.average_epochs: 'auto' must be resolved first "
             "(models.resolve_recipe)"
         )
     data = prepare_data(train, val, mean, std, cfg, device, info)
