@@ -64,7 +64,7 @@ def main() -> None:
             width, height = Image.open(paths[0]).size
             print(
                 f"  {name:24s} {f'{width}x{height}':9s} accuracy {accuracy:.4f}"
-                f"  ({100 * (accuracy - plain):+.1f} points vs plain PNG)"
+                f"  ({100 * (accuracy - plain):+.2f} points vs plain PNG)"
             )
 
 
