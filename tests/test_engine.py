@@ -300,6 +300,14 @@ def test_fit_rejects_batches_that_do_not_fit(sample):
         engine.fit(torch.nn.Linear(1, 1), *sample, 0.2, 0.3, TINY, device=CPU, info=engine.DistInfo(0, 3, 0))
 
 
+def test_fit_refuses_recipe_settings_left_auto(sample):
+    cfg = TINY.model_copy(update={"average_epochs": "auto", "augment": AugmentConfig(cutmix="auto")})
+    with pytest.raises(
+        OracleMnistError, match=r"^train.augment.cutmix, train.average_epochs: 'auto' must be resolved first"
+    ):
+        engine.fit(torch.nn.Linear(1, 1), *sample, 0.2, 0.3, cfg, device=CPU)
+
+
 def test_select_device_auto_and_unavailable_choice():
     if not torch.cuda.is_available():
         with pytest.raises(OracleMnistError, match="'cuda' requested"):

@@ -16,6 +16,7 @@ differs (see README).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -41,7 +42,7 @@ from oracle_mnist.config import AugmentConfig, TrainConfig
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import atomic_path
 from oracle_mnist.images import to_tensor
-from oracle_mnist.models import is_depthwise, unwrap
+from oracle_mnist.models import RECIPE_KEYS, is_depthwise, unwrap
 
 CHECKPOINT_GLOB = "epoch-*.pt"
 # Raised whenever the checkpoint layout changes: a checkpoint of another format is ignored, never misread
@@ -658,10 +659,14 @@ def fit(
     call with the same `fingerprint` resumes from the last one. `on_epoch` sees every epoch's stats in order
     (replayed ones first after a resume) on the main process.
     """
-    if "auto" in (cfg.epochs, cfg.lr, cfg.augment.cutmix, cfg.average_epochs):
+    unresolved = [
+        ".".join(path)
+        for path in RECIPE_KEYS
+        if path[0] == "train" and functools.reduce(getattr, path[1:], cfg) == "auto"
+    ]
+    if unresolved:
         raise OracleMnistError(
-            "train.epochs, train.lr, train.augment.cutmix, train.average_epochs: 'auto' must be resolved first "
-            "(models.resolve_recipe)"
+            f"{', '.join(unresolved)}: 'auto' must be resolved first (models.resolve_recipe)"
         )
     data = prepare_data(train, val, mean, std, cfg, device, info)
     state = build_state(model, cfg, data.steps, device)

@@ -245,8 +245,9 @@ def recipe_for(name: str) -> Recipe:
     return RECIPES["depthwise"]
 
 
-# Where each Recipe field (the last part of its path) lives in params.
-_RECIPE_KEYS = (
+# Where each Recipe field (the last part of its path) lives in params; the train section's may be "auto" until
+# resolve_recipe fills them, and engine.fit refuses them before.
+RECIPE_KEYS = (
     ("featurize", "image_size"),
     ("train", "epochs"),
     ("train", "lr"),
@@ -265,7 +266,7 @@ def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
     given in params.yaml win over the recipe's; with image_size, epochs and lr given, any timm model goes, as
     family "custom", CutMix off unless set)."""
     raw = params.model_dump()
-    keys = [path for path in _RECIPE_KEYS if _section(raw, path)[path[-1]] == "auto"]
+    keys = [path for path in RECIPE_KEYS if _section(raw, path)[path[-1]] == "auto"]
     try:
         recipe: Recipe | None = recipe_for(params.model)
     except OracleMnistError:
