@@ -4,6 +4,7 @@ Plain functions the tests share live in helpers.py."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,12 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, sample_dir: Path) -> Path
     repo = make_repo_copy(tmp_path_factory.mktemp("pipeline") / "repo", sample_dir)
     dvc(repo, "repro", timeout=900)
     return repo
+
+
+@pytest.fixture
+def clone(pipeline: Path, tmp_path: Path) -> Path:
+    """A writable copy of the session's `pipeline` run (outputs, cache, git), for a test that changes it."""
+    return Path(shutil.copytree(pipeline, tmp_path / "repo", symlinks=True))
 
 
 @pytest.fixture(scope="session")

@@ -116,45 +116,44 @@ def tree_digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_idx_pipeline_end_to_end(pipeline: Path, sample_dir: Path, tmp_path: Path):
+def test_idx_pipeline_end_to_end(clone: Path, sample_dir: Path):
     # The session's shrunken `dvc repro` ran prepare and featurize on the sample; this checks what they wrote,
     # then reruns them in a copy (one prepare + featurize fewer in the suite than a run of its own).
-    repo_copy = Path(shutil.copytree(pipeline, tmp_path / "repo", symlinks=True))
     counts = {}
     for split in ("train", "val", "test"):
-        images, labels = load_features(repo_copy / "data" / "features" / f"{split}.npz")
+        images, labels = load_features(clone / "data" / "features" / f"{split}.npz")
         assert images.shape[1:] == (28, 28)
         counts[split] = np.bincount(labels, minlength=10).tolist()
     assert counts == {"train": [180] * 10, "val": [20] * 10, "test": [40] * 10}
     # The features are the sample's images through the one conversion (the very pixels serving sees), train
     # and val together the sample's train split.
     sample_train, _ = sample_split(sample_dir, "train")
-    train, _ = load_features(repo_copy / "data" / "features" / "train.npz")
-    val, _ = load_features(repo_copy / "data" / "features" / "val.npz")
+    train, _ = load_features(clone / "data" / "features" / "train.npz")
+    val, _ = load_features(clone / "data" / "features" / "val.npz")
     expected = convert_batch(sample_train, 28)
     assert sorted(map(bytes, np.concatenate([train, val]))) == sorted(map(bytes, expected))
-    metrics = json.loads((repo_copy / "metrics" / "prepare.json").read_text())
+    metrics = json.loads((clone / "metrics" / "prepare.json").read_text())
     assert metrics["counts"]["val"]["total"] == 200 and metrics["counts"]["test"]["wood"] == 40
     assert metrics["inputs"]["train-images-idx3-ubyte.gz"]["sha256"] == sha256_file(
         sample_dir / "train-images-idx3-ubyte.gz"
     )
     assert metrics["inputs"]["train-images-idx3-ubyte.gz"]["verified_by"] == "SHA256SUMS sha256"
-    with Image.open(repo_copy / "plots" / "samples.png") as grid:
+    with Image.open(clone / "plots" / "samples.png") as grid:
         assert grid.format == "PNG" and grid.width > 10 * 56 and grid.height >= 10 * 56
-    assert "plots/samples.png" in dvc(repo_copy, "plots", "show", "--json").stdout
+    assert "plots/samples.png" in dvc(clone, "plots", "show", "--json").stdout
 
-    again = dvc(repo_copy, "repro", "featurize")
+    again = dvc(clone, "repro", "featurize")
     assert "Running stage" not in again.stdout
     assert "Stage 'prepare' didn't change, skipping" in again.stdout
     assert "Stage 'featurize' didn't change, skipping" in again.stdout
-    assert "up to date" in dvc(repo_copy, "status", "featurize").stdout
+    assert "up to date" in dvc(clone, "status", "featurize").stdout
 
-    write_params(repo_copy, {"featurize": {"image_size": 32}})
-    resized = dvc(repo_copy, "repro", "featurize")
+    write_params(clone, {"featurize": {"image_size": 32}})
+    resized = dvc(clone, "repro", "featurize")
     assert "Stage 'prepare' didn't change, skipping" in resized.stdout
     assert "Running stage 'prepare'" not in resized.stdout
     assert "Running stage 'featurize'" in resized.stdout
-    images, labels = load_features(repo_copy / "data" / "features" / "test.npz")
+    images, labels = load_features(clone / "data" / "features" / "test.npz")
     assert images.shape == (400, 32, 32) and len(labels) == 400
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,11 +39,6 @@ def one_thread_per_process():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")
         yield
-
-
-@pytest.fixture
-def clone(pipeline: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(pipeline, tmp_path / "repo", symlinks=True))
 
 
 def _outputs(repo: Path) -> dict[str, bytes]:
