@@ -234,11 +234,11 @@ def test_resolve_recipe_fills_only_the_auto_values():
         expected.image_size, expected.epochs, expected.lr,
     )  # fmt: skip
     assert params.train.augment.cutmix == expected.cutmix == 0.0
+    assert params.train.average_epochs == expected.average_epochs == 30
     assert recipe == expected
     params, recipe = resolve_recipe(_params("resnet10t", *auto))
     assert params.train.augment.cutmix == recipe.cutmix == RECIPES["dense"].cutmix > 0
-    # Dense networks keep a longer mean of their late epochs than depthwise ones (docs/results.md).
-    assert params.train.average_epochs == recipe.average_epochs == 30 > expected.average_epochs == 10
+    assert params.train.average_epochs == recipe.average_epochs == RECIPES["dense"].average_epochs == 30
     params, recipe = resolve_recipe(_params("resnet10t", auto[0], {**auto[1], "average_epochs": 0}))
     assert params.train.average_epochs == recipe.average_epochs == 0 and str(recipe).endswith(", best epoch")
     params, recipe = resolve_recipe(
