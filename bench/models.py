@@ -3,9 +3,10 @@
     python bench/models.py                                     # the default model, train.seed 0 1 2
     python bench/models.py --models efficientnet_b0 mobilenetv3_small_100 resnet18 convnext_atto --seeds 0
     python bench/models.py --jobs 2                            # two runs at a time
+    python bench/models.py --set train.label_smoothing=0.2     # any param changed too, as `-S key=value`
 
 Each run happens in its own copy of the repository's committed-or-new files (no outputs, no caches), with only
-`model` and `train.seed` changed -- what `dvc exp run -S model=NAME` changes -- and `dvc repro` stage by stage,
+`model`, `train.seed` and the `--set` params changed -- what `dvc exp run -S model=NAME` changes -- and `dvc repro` stage by stage,
 each stage timed. Prints one row per run, then the mean and spread per model.
 """
 
@@ -18,20 +19,23 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import reduce
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 # The repository copy and the dvc runner are the tests' own (tests/helpers.py); tests/ is not a package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import REPO, dvc, make_repo_copy
+from helpers import REPO, deep_merge, dvc, make_repo_copy
 
 STAGES = ("prepare", "featurize", "train", "evaluate", "export")
 
 
-def run_one(model: str, seed: int, workdir: Path) -> dict[str, object]:
+def run_one(model: str, seed: int, workdir: Path, changes: dict[str, Any]) -> dict[str, object]:
     repo = workdir / f"{model}-{seed}"
-    make_repo_copy(repo, repo / "data/sources/oracle-mnist-sample", {"model": model, "train": {"seed": seed}})
+    overrides = deep_merge(changes, {"model": model, "train": {"seed": seed}})
+    make_repo_copy(repo, repo / "data/sources/oracle-mnist-sample", overrides)
     times = {}
     for stage in STAGES:
         start = time.perf_counter()
@@ -47,6 +51,21 @@ def run_one(model: str, seed: int, workdir: Path) -> dict[str, object]:
     }
 
 
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`key.path=value` pairs (values read as YAML, as `dvc exp run -S` does) as one nested mapping."""
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set {item!r}: expected KEY=VALUE, e.g. train.label_smoothing=0.2")
+        *parents, leaf = key.split(".")
+        changes = deep_merge(
+            changes,
+            reduce(lambda inner, name: {name: inner}, reversed(parents), {leaf: yaml.safe_load(value)}),
+        )
+    return changes
+
+
 def main() -> None:
     default = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["model"]
     parser = argparse.ArgumentParser(
@@ -55,12 +74,14 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=[default])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other params to change")
     args = parser.parse_args()
+    changes = parse_set(args.set)
     with tempfile.TemporaryDirectory(prefix="oracle-mnist-models-") as tmp:
         runs = [(m, s) for m in args.models for s in args.seeds]
         rows = []
         with ThreadPoolExecutor(args.jobs) as pool:
-            for row in pool.map(lambda ms: run_one(*ms, Path(tmp)), runs):
+            for row in pool.map(lambda ms: run_one(*ms, Path(tmp), changes), runs):
                 print(json.dumps(row), flush=True)  # a run can take many minutes: each row as it ends
                 rows.append(row)
     print("\n| model | recipe | seeds | test accuracy, mean (min-max) | ECE, mean | dvc repro, mean s |")
