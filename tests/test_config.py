@@ -121,7 +121,7 @@ def test_nested_unknown_keys_list_the_known_ones_and_errors_are_joined():
         ("train", {"lr": 0.002, "min_lr": 0.1}, r"^train.min_lr: must be <= lr \(0.002\), got 0.1$"),
         ("train", {"batches_per_epoch": 0}, r"^train.batches_per_epoch: must be >= 1, got 0$"),
         ("train", {"seed": -1}, r"^train.seed: must be >= 0, got -1$"),
-        ("train", {"label_smoothing": 1}, r"^train.label_smoothing: must be < 1.0, got 1$"),
+        ("train", {"label_smoothing": 1}, r"^train.label_smoothing: must be < 1.0 or 'auto', got 1$"),
         ("evaluate", {"ece_bins": 0}, r"^evaluate.ece_bins: must be >= 1, got 0$"),
     ],
 )

@@ -34,6 +34,7 @@ TINY = TrainConfig(
     seed=7,
     augment=AugmentConfig(cutmix=0.5),
     average_epochs=3,  # all of them
+    label_smoothing=0.1,
 )
 
 
@@ -359,7 +360,7 @@ THREADS_SCRIPT = textwrap.dedent(
     x, y = rng.integers(0, 256, (128, 28, 28), dtype=np.uint8), rng.integers(0, 10, 128)
     cfg = TrainConfig(
         epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=2, threads=2,
-        augment=AugmentConfig(cutmix=0.5), average_epochs=2,
+        augment=AugmentConfig(cutmix=0.5), average_epochs=2, label_smoothing=0.1,
     )
     model = build_model("resnet10t", 10, 28)
     result = engine.fit(model, (x, y), (x[:32], y[:32]), 0.3, 0.3, cfg, device=torch.device("cpu"))
@@ -419,7 +420,7 @@ DDP_SCRIPT = textwrap.dedent(
     # rounding of bfloat16 gradients depends on the batch split, which would leave nothing to compare closely.
     cfg = TrainConfig(
         epochs=2, lr=0.002, warmup_epochs=1, batch_size=32, batches_per_epoch=4, augment=AugmentConfig(cutmix=1.0),
-        amp=False, average_epochs=2,
+        amp=False, average_epochs=2, label_smoothing=0.1,
     )
     result = engine.fit(model, (x, y), (x[:64], y[:64]), 0.3, 0.3, cfg, device=torch.device("cpu"), info=info)
     if info.is_main:

@@ -215,7 +215,9 @@ def test_a_model_no_recipe_suits_gets_an_error_saying_what_to_set():
     # With size, epochs and lr given there is nothing to work out: any timm model trains, as family "custom",
     # with CutMix off unless set.
     given = {"image_size": 32}, {"epochs": 3, "lr": 0.001}
-    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001, 0.0)
+    assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe(
+        "custom", 32, 3, 0.001, 0.0, 10, 0.1
+    )
     given[1]["augment"] = {"cutmix": 0.25}
     assert resolve_recipe(_params("vit_tiny_patch16_224", *given))[1] == Recipe("custom", 32, 3, 0.001, 0.25)
     with pytest.raises(OracleMnistError, match="not a convolutional network"):
@@ -235,10 +237,17 @@ def test_resolve_recipe_fills_only_the_auto_values():
     )  # fmt: skip
     assert params.train.augment.cutmix == expected.cutmix == 0.0
     assert params.train.average_epochs == expected.average_epochs == 30
+    assert params.train.label_smoothing == expected.label_smoothing == 0.1
     assert recipe == expected
     params, recipe = resolve_recipe(_params("resnet10t", *auto))
     assert params.train.augment.cutmix == recipe.cutmix == RECIPES["dense"].cutmix > 0
     assert params.train.average_epochs == recipe.average_epochs == RECIPES["dense"].average_epochs == 30
+    # Dense networks train with softer targets than depthwise ones (docs/results.md).
+    assert params.train.label_smoothing == recipe.label_smoothing == 0.2 > expected.label_smoothing
+    assert (
+        str(recipe)
+        == "dense: 64 px, 80 epochs, lr 0.002, CutMix 0.5, label smoothing 0.2, mean of the last 30"
+    )
     params, recipe = resolve_recipe(_params("resnet10t", auto[0], {**auto[1], "average_epochs": 0}))
     assert params.train.average_epochs == recipe.average_epochs == 0 and str(recipe).endswith(", best epoch")
     params, recipe = resolve_recipe(

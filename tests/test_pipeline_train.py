@@ -93,7 +93,10 @@ def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     scores = {"accuracy", "macro_f1", "top2_accuracy", "loss", "ece", "ece_uncalibrated"}
     assert set(report) == scores | {"recipe", "precision"}
     # The shrunken config's, with lr and CutMix auto.
-    assert report["recipe"] == "dense: 28 px, 2 epochs, lr 0.002, CutMix 0.5, mean of the last 2"
+    assert (
+        report["recipe"]
+        == "dense: 28 px, 2 epochs, lr 0.002, CutMix 0.5, label smoothing 0.2, mean of the last 2"
+    )
     # train.amp's choice for this CPU, as recorded in the model file.
     model, meta = load_model(pipeline / "models/model.pt")
     chosen = engine.amp_dtype(torch.device("cpu"), True, model)
@@ -194,7 +197,8 @@ def test_changing_model_reruns_from_featurize_and_records_the_recipe(clone: Path
     assert "accuracy" in scores
     # The shrunken config sets size and epochs; the learning rate is auto, so the depthwise recipe's.
     assert (
-        scores["recipe"] == f"depthwise: 28 px, 2 epochs, lr {RECIPES['depthwise'].lr:g}, mean of the last 2"
+        scores["recipe"]
+        == f"depthwise: 28 px, 2 epochs, lr {RECIPES['depthwise'].lr:g}, label smoothing 0.1, mean of the last 2"
     )
     # The experiment table stays narrow: training curves and per-class scores are not metric columns.
     assert set(exp["metrics"]) == {"metrics/evaluate.json"}

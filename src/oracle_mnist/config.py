@@ -109,7 +109,7 @@ class TrainConfig(_Config):
     min_lr: NonNegative = 0.00001  # end of the cosine decay
     warmup_epochs: Annotated[int, Field(ge=0)] = 2
     weight_decay: NonNegative = 0.05
-    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] | Auto = "auto"  # auto: per architecture
     # The kept weights: the mean of the last N epochs' weights (all epochs in a shorter run), with BatchNorm
     # statistics recomputed for them; 0 keeps the epoch with the best validation accuracy instead; auto: per
     # architecture.

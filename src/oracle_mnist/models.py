@@ -190,6 +190,7 @@ class Recipe:
     # The kept weights: the mean of the last this many epochs' (0: the best epoch). Files from before it was a
     # recipe's record none: they kept the mean of the last 10.
     average_epochs: int = 10
+    label_smoothing: float = 0.1  # what every model trained with before it was a recipe's
 
     def __str__(self) -> str:
         mixing = f", CutMix {self.cutmix:g}" if self.cutmix else ""
@@ -199,7 +200,8 @@ class Recipe:
             if self.average_epochs
             else "best epoch"
         )
-        return f"{self.family}: {self.image_size} px, {self.epochs} epochs, lr {self.lr:g}{mixing}, {kept}"
+        smoothing = f", label smoothing {self.label_smoothing:g}"
+        return f"{self.family}: {self.image_size} px, {self.epochs} epochs, lr {self.lr:g}{mixing}{smoothing}, {kept}"
 
 
 # Measured on the sample's test split (docs/results.md, "Recipes per architecture"). Dense CNNs (ResNets) learn
@@ -209,9 +211,12 @@ class Recipe:
 # memorise the training images rather than learn the strokes, and need larger inputs, a higher learning rate
 # and more epochs; CutMix is not measured on them. Both keep the mean of their last 30 epochs: through the
 # pipeline that was never worse than the last 10 on any seed of the four models measured (+0.16 to +0.58 points
-# on their means).
+# on their means). Label smoothing 0.2 lifted the dense default's mean from 91.58% to 92.25%; the depthwise
+# recipe is not measured with it and keeps 0.1.
 RECIPES = {
-    "dense": Recipe("dense", image_size=64, epochs=80, lr=0.002, cutmix=0.5, average_epochs=30),
+    "dense": Recipe(
+        "dense", image_size=64, epochs=80, lr=0.002, cutmix=0.5, average_epochs=30, label_smoothing=0.2
+    ),
     "depthwise": Recipe("depthwise", image_size=96, epochs=90, lr=0.008, average_epochs=30),
 }
 
@@ -254,12 +259,13 @@ RECIPE_KEYS = (
     ("train", "lr"),
     ("train", "augment", "cutmix"),
     ("train", "average_epochs"),
+    ("train", "label_smoothing"),
 )
 
 
 # What "auto" means for a model without a recipe (the others must then be given): no CutMix, the mean of the
-# last 10 epochs.
-_WITHOUT_RECIPE = {"cutmix": 0.0, "average_epochs": 10}
+# last 10 epochs, label smoothing 0.1.
+_WITHOUT_RECIPE = {"cutmix": 0.0, "average_epochs": 10, "label_smoothing": 0.1}
 
 
 def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
@@ -288,6 +294,7 @@ def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
         train.lr,
         train.augment.cutmix,
         train.average_epochs,
+        train.label_smoothing,
     )
 
 
