@@ -263,3 +263,10 @@ def test_resolve_recipe_checks_the_rules_that_need_the_resolved_values():
         ConfigError, match=rf"train.warmup_epochs: must be < epochs \({epochs}\), got {epochs}"
     ):
         resolve_recipe(_params("resnet10t", {}, {"warmup_epochs": epochs}))
+
+
+def test_a_recipe_recorded_before_its_later_fields_reads_as_what_that_model_trained_with():
+    # meta.recipe of an older model file: no CutMix, window or label smoothing recorded (stages/evaluate.py).
+    old = Recipe(**{"family": "dense", "image_size": 64, "epochs": 30, "lr": 0.002})
+    assert (old.cutmix, old.average_epochs, old.label_smoothing) == (0.0, 10, 0.1)
+    assert str(old) == "dense: 64 px, 30 epochs, lr 0.002, label smoothing 0.1, mean of the last 10"
