@@ -286,16 +286,8 @@ def resolve_recipe(params: Params) -> tuple[Params, Recipe]:
         _section(raw, path)[name] = getattr(recipe, name) if recipe else _WITHOUT_RECIPE[name]
     resolved = parse_params(raw)  # validated again: e.g. warmup_epochs against the epochs now known
     family = recipe.family if recipe is not None else "custom"
-    train = resolved.train
-    return resolved, Recipe(
-        family,
-        resolved.featurize.image_size,
-        train.epochs,
-        train.lr,
-        train.augment.cutmix,
-        train.average_epochs,
-        train.label_smoothing,
-    )
+    raw = resolved.model_dump()
+    return resolved, Recipe(family, **{path[-1]: _section(raw, path)[path[-1]] for path in RECIPE_KEYS})
 
 
 def _section(raw: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
