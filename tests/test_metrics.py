@@ -11,6 +11,7 @@ import pytest
 
 from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.metrics import (
+    calibration_error,
     confusion_records,
     evaluate,
     expected_calibration_error,
@@ -64,6 +65,16 @@ def test_ece_is_zero_when_calibrated_and_gap_when_overconfident():
     # Confidence 0.9, half right: gap 0.4 on all samples.
     probs = np.array([[0.9, 0.1]] * 4)
     assert expected_calibration_error(probs, np.array([0, 0, 1, 1]), bins=10) == pytest.approx(0.4)
+
+
+def test_calibration_error_weights_each_bins_gap_by_its_share():
+    # Bin (0.5, 0.6]: confidence 0.55, 1 of 2 right -> gap 0.05 on half; bin (0.9, 1.0]: 0.95, 2 of 2 -> 0.05 on half.
+    confidence = np.array([0.55, 0.55, 0.95, 0.95])
+    correct = np.array([True, False, True, True])
+    assert calibration_error(confidence, correct, bins=10) == pytest.approx(0.05)
+    # The same answers as probabilities give the same ECE through expected_calibration_error.
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    assert expected_calibration_error(probs, np.where(correct, 0, 1), 10) == pytest.approx(0.05)
 
 
 def test_evaluate_has_every_field_with_right_values():

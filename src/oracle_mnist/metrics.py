@@ -21,8 +21,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int) -> float:
     """ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share of samples."""
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+    return calibration_error(probs.max(axis=1), probs.argmax(axis=1) == labels, bins)
+
+
+def calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    """ECE from each prediction's confidence and whether it was right (bench/calibration.py draws the latter)."""
     # Bin i holds confidences in (i/bins, (i+1)/bins]; confidence is always > 0, so nothing is lost.
     which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
     ece = 0.0
