@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--sample", type=Path, default=REPO / "data/sources/oracle-mnist-sample")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     args = parser.parse_args()
-    params, _ = resolve_recipe(load_params(args.params))
+    params, recipe = resolve_recipe(load_params(args.params))
     classes = params.num_classes
     images, labels = read_idx_split(
         args.sample / "train-images-idx3-ubyte.gz", args.sample / "train-labels-idx1-ubyte.gz", classes
@@ -92,7 +92,7 @@ def main() -> None:
     val = (ours_x[val_idx], labels[val_idx])
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
     engine.make_deterministic(params.train.seed)
-    model = build_model(params.model, classes, size)
+    model = build_model(params.model, classes, size, network=recipe.network)
     start = time.perf_counter()
     result = engine.fit(model, train, val, mean, std, params.train, device=CPU)
     ours_time = time.perf_counter() - start

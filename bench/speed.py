@@ -24,13 +24,15 @@ from oracle_mnist.models import build_model, recipe_for
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-MODELS = ("resnet10t", "resnet18", "mobilenetv3_small_100", "efficientnet_b0")
+MODELS = ("resnet10t", "resnet18", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto")
 
 
-def step_time(name: str, size: int, batch: int, steps: int, channels_last: bool, bf16: bool) -> float:
-    """Median seconds per training step, after two warm-up steps."""
+def step_time(name: str, batch: int, steps: int, channels_last: bool, bf16: bool) -> float:
+    """Median seconds per training step (the model's recipe: image size, network), after two warm-up steps."""
     engine.make_deterministic(0)
-    model = build_model(name, 10, size)
+    recipe = recipe_for(name)
+    size = recipe.image_size
+    model = build_model(name, 10, size, network=recipe.network)
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=layout).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.002, fused=True)
@@ -61,10 +63,11 @@ def main() -> None:
         f"{'model':<24}{'px':>4}{'float32':>10}{'channels-last':>15}{'+ bfloat16':>12}  the engine's choice"
     )
     for name in args.models:
-        size = recipe_for(name).image_size
-        plain, last = (step_time(name, size, train.batch_size, args.steps, cl, False) for cl in (False, True))
-        bf16 = step_time(name, size, train.batch_size, args.steps, True, True) if native else float("nan")
-        chosen = engine.amp_dtype(CPU, train.amp, build_model(name, 10, size))
+        recipe = recipe_for(name)
+        size = recipe.image_size
+        plain, last = (step_time(name, train.batch_size, args.steps, cl, False) for cl in (False, True))
+        bf16 = step_time(name, train.batch_size, args.steps, True, True) if native else float("nan")
+        chosen = engine.amp_dtype(CPU, train.amp, build_model(name, 10, size, network=recipe.network))
         used = bf16 if chosen == torch.bfloat16 else last
         print(
             f"{name:<24}{size:>4}{plain:>9.3f}s{last:>14.3f}s{bf16:>11.3f}s  "

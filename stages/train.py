@@ -83,15 +83,19 @@ def main() -> None:
         if info.is_main:
             print(f"training on CPU with {cfg.threads} threads per process (train.threads)", file=sys.stderr)
     engine.make_deterministic(cfg.seed)
-    model = build_model(params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file)
+    model = build_model(
+        params.model, params.num_classes, size, cfg.pretrained, cfg.weights_file, recipe.network
+    )
     precision = engine.precision_name(engine.amp_dtype(device, cfg.amp, model))
     if info.is_main:
         print(f"training {params.model} on {device.type} in {precision} (train.amp)", file=sys.stderr)
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
     data_hash = engine.digest_arrays(*train, *val)
+    # The recipe's network changes too, where it has any (a model without keeps the hash it had before them).
+    network = {"network": recipe.network} if recipe.network else {}
     params_hash = engine.digest_json(
-        {"model": params.model, "classes": params.classes, "train": cfg.model_dump()}
+        {"model": params.model, "classes": params.classes, "train": cfg.model_dump(), **network}
     )
     # The precision too: train.amp gives bfloat16 on one CPU and float32 on another, and a run must not resume
     # in another precision than it started.

@@ -138,6 +138,8 @@ def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
         ({"temperature": True}, "temperature: expected a finite number above 0, got True"),
         ({"temperature": "2"}, "temperature: expected a finite number above 0, got '2'"),
         ({"precision": "fp8"}, "precision: expected one of float32, bfloat16, float16, got 'fp8'"),
+        ({"recipe": {"network": ["patch_size"]}}, r"recipe.network: expected names of timm arguments"),
+        ({"recipe": {"network": {"dims": [8, 16]}}}, r"recipe.network: .*got \{'dims': \[8, 16\]\}"),
     ],
 )
 def test_model_meta_refuses_unusable_values(changes, message):
@@ -195,17 +197,61 @@ def test_a_model_file_from_before_calibration_loads_with_temperature_1(tmp_path,
         ("resnext26ts", "dense"),  # grouped, not depthwise, convolutions
         ("mobilenetv3_small_100", "depthwise"),
         ("efficientnet_b0", "depthwise"),
+        ("convnext_atto", "convnext"),  # depthwise without BatchNorm: by its class, timm's ConvNeXt
+        ("convnextv2_atto", "convnext"),
+        ("test_convnext", "convnext"),  # timm's small test ConvNeXt: no conv_mlp of its own
     ],
 )
 def test_recipe_follows_the_kind_of_convolutions(name, family):
-    assert recipe_for(name) == RECIPES[family]
+    recipe = recipe_for(name)
+    assert recipe == RECIPES[family]
+    if recipe.network:  # timm's constructor of this model takes the recipe's network arguments
+        assert build_model(name, 10, 32, network=recipe.network).stem[0].stride == (2, 2)
+
+
+def test_the_convnext_recipe_changes_the_network_and_the_model_file_rebuilds_it(tmp_path):
+    recipe = RECIPES["convnext"]
+    model = build_model("test_convnext", 10, 32, network=recipe.network).eval()
+    plain = build_model("test_convnext", 10, 32)
+    assert model.stem[0].stride == (2, 2) and plain.stem[0].stride == (4, 4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    meta = replace(META, model_name="test_convnext", image_size=32, recipe=asdict(recipe))
+    save_model(tmp_path / "model.pt", model, meta)
+
+    loaded, loaded_meta = load_model(tmp_path / "model.pt")
+
+    assert loaded_meta.recipe["network"] == recipe.network
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    # The same weights without the record of the network: timm's own ConvNeXt, which they do not fit.
+    save_model(tmp_path / "bare.pt", model, replace(meta, recipe={}))
+    with pytest.raises(OracleMnistError, match=r"bare\.pt: weights do not fit model 'test_convnext'"):
+        load_model(tmp_path / "bare.pt")
+
+
+def test_build_model_names_network_arguments_timm_refuses():
+    with pytest.raises(OracleMnistError, match=r"'resnet10t': timm cannot build it with \{'patch_size': 2\}"):
+        build_model("resnet10t", 10, 64, network={"patch_size": 2})
+
+
+def test_the_network_is_recorded_in_the_recipe_and_dropped_for_pretrained_weights():
+    auto = {"image_size": "auto"}, {"epochs": "auto", "lr": "auto"}
+    params, recipe = resolve_recipe(_params("convnext_atto", *auto))
+    assert recipe == RECIPES["convnext"] and recipe.network["patch_size"] == 2
+    assert str(recipe).endswith(", mean of the last 30, patch_size=2, kernel_sizes=3, norm_layer=batchnorm2d, "
+                                "ls_init_value=1.0, conv_mlp=True")  # fmt: skip
+    # Pretrained weights fit only timm's own network; the training settings still come from the recipe.
+    params, recipe = resolve_recipe(_params("convnext_atto", auto[0], {**auto[1], "pretrained": True}))
+    assert recipe.network == {} and params.train.lr == RECIPES["convnext"].lr
 
 
 def test_a_model_no_recipe_suits_gets_an_error_saying_what_to_set():
     with pytest.raises(
-        OracleMnistError, match=r"'convnext_atto': no recipe.*without BatchNorm.*train.lr yourself"
+        OracleMnistError, match=r"'edgenext_xx_small': no recipe.*without BatchNorm.*train.lr yourself"
     ):
-        recipe_for("convnext_atto")
+        recipe_for("edgenext_xx_small")  # ConvNeXt-like, but the ConvNeXt recipe's network is not its own
     with pytest.raises(
         OracleMnistError, match=r"'vit_tiny_patch16_224' is not a convolutional.*train.epochs"
     ):

@@ -252,8 +252,8 @@ def test_torchrun_two_gloo_processes_stay_close_to_single_process(clone: Path):
 
 def test_a_model_without_a_recipe_fails_at_once_saying_what_to_set(clone: Path):
     """At stage level (exit 1, one error line); the size a model needs is build_model's, tested in test_models."""
-    write_params(clone, {"model": "convnext_atto"})  # train.lr: auto, and no recipe suits ConvNeXt
+    write_params(clone, {"model": "edgenext_xx_small"})  # train.lr: auto, and no recipe suits EdgeNeXt
     proc = run([sys.executable, "stages/train.py"], cwd=clone, check=False, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "error: model 'convnext_atto': no recipe trains this kind of network" in proc.stderr
+    assert "error: model 'edgenext_xx_small': no recipe trains this kind of network" in proc.stderr
     assert "set featurize.image_size, train.epochs and train.lr yourself" in proc.stderr
