@@ -106,6 +106,37 @@ def test_the_temperature_round_trips_through_onnx_and_calibrates_its_probabiliti
     assert Predictor.from_file(tmp_path / "old.onnx", "onnx").meta.temperature == 1.0
 
 
+@pytest.mark.slow  # an ONNX export: 4 s
+def test_a_network_changed_by_its_recipe_exports_and_serves_alike(
+    model_file: Path, tmp_path: Path, sample_test_images
+):
+    """ConvNeXt's recipe changes the network (models.RECIPES["convnext"]): torch and ONNX serving both get the
+    network the file records, not timm's default one."""
+    import torch
+
+    from oracle_mnist.export import export_onnx
+    from oracle_mnist.images import convert_batch
+    from oracle_mnist.models import RECIPES, build_model, load_model, save_model
+
+    recipe = RECIPES["convnext"]
+    torch.manual_seed(0)
+    model = build_model("test_convnext", 10, 32, network=recipe.network).eval()  # 32 px: ConvNeXt's least
+    meta = dataclasses.replace(
+        Predictor.from_file(model_file).meta,
+        model_name="test_convnext",
+        image_size=32,
+        recipe=dataclasses.asdict(recipe),
+    )
+    save_model(tmp_path / "model.pt", model, meta)
+    export_onnx(*load_model(tmp_path / "model.pt"), tmp_path / "model.onnx")
+
+    by_torch = Predictor.from_file(tmp_path / "model.pt", "torch")
+    by_onnx = Predictor.from_file(tmp_path / "model.onnx", "onnx")
+    assert by_onnx.meta == by_torch.meta and by_onnx.meta.recipe["network"] == recipe.network
+    images = convert_batch(sample_test_images[0][:32], 32)
+    assert 0 <= check_parity(by_torch, by_onnx, images) <= PARITY_TOLERANCE
+
+
 @pytest.mark.slow
 def test_export_stage_writes_the_onnx_model_and_its_parity(
     tmp_path: Path, model_file: Path, sample_test_images
