@@ -206,14 +206,18 @@ def test_recipe_follows_the_kind_of_convolutions(name, family):
     recipe = recipe_for(name)
     assert recipe == RECIPES[family]
     if recipe.network:  # timm's constructor of this model takes the recipe's network arguments
-        assert build_model(name, 10, 32, network=recipe.network).stem[0].stride == (2, 2)
+        assert build_model(name, 10, 32, network=recipe.network).stages[0].blocks[0].conv_dw.kernel_size == (
+            3,
+            3,
+        )
 
 
 def test_the_convnext_recipe_changes_the_network_and_the_model_file_rebuilds_it(tmp_path):
     recipe = RECIPES["convnext"]
     model = build_model("test_convnext", 10, 32, network=recipe.network).eval()
     plain = build_model("test_convnext", 10, 32)
-    assert model.stem[0].stride == (2, 2) and plain.stem[0].stride == (4, 4)
+    assert model.stages[0].blocks[0].conv_dw.kernel_size == (3, 3)
+    assert plain.stages[0].blocks[0].conv_dw.kernel_size == (7, 7)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     meta = replace(META, model_name="test_convnext", image_size=32, recipe=asdict(recipe))
@@ -239,9 +243,10 @@ def test_build_model_names_network_arguments_timm_refuses():
 def test_the_network_is_recorded_in_the_recipe_and_dropped_for_pretrained_weights():
     auto = {"image_size": "auto"}, {"epochs": "auto", "lr": "auto"}
     params, recipe = resolve_recipe(_params("convnext_atto", *auto))
-    assert recipe == RECIPES["convnext"] and recipe.network["patch_size"] == 2
-    assert str(recipe).endswith(", mean of the last 30, patch_size=2, kernel_sizes=3, norm_layer=batchnorm2d, "
-                                "ls_init_value=1.0, conv_mlp=True")  # fmt: skip
+    assert recipe == RECIPES["convnext"] and recipe.network["kernel_sizes"] == 3
+    assert str(recipe).endswith(
+        ", mean of the last 30, kernel_sizes=3, norm_layer=batchnorm2d, ls_init_value=1.0, conv_mlp=True"
+    )
     # Pretrained weights fit only timm's own network; the training settings still come from the recipe.
     params, recipe = resolve_recipe(_params("convnext_atto", auto[0], {**auto[1], "pretrained": True}))
     assert recipe.network == {} and params.train.lr == RECIPES["convnext"].lr
