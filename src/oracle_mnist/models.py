@@ -242,7 +242,7 @@ class Recipe:
 # never passed 78% under any training settings tried: it fitted the augmented glyphs too slowly. With three
 # changes to its network, made through its own constructor, it trains like a dense CNN on the dense recipe:
 # 3x3 kernels (the 7x7 ones span most of a 64 px glyph's 16x16 to 2x2 maps), BatchNorm in place of LayerNorm
-# and the layer scale starting at 1; without any one of them it lost 3 to 7 points (docs/results.md).
+# and the layer scale starting at 1; without any one of them it lost 3 to 5 points (docs/results.md).
 _DENSE = Recipe(
     "dense", image_size=64, epochs=80, lr=0.002, cutmix=0.5, average_epochs=30, label_smoothing=0.2
 )
