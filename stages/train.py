@@ -111,6 +111,9 @@ def main() -> None:
         kept = result.best
         log_kept(live, kept)
         model.load_state_dict(result.state_dict)
+        recorded = dataclasses.asdict(recipe)
+        if not recipe.network:  # recorded as before networks existed: the same run writes the same file
+            del recorded["network"]
         meta = ModelMeta(
             model_name=params.model,
             class_names=params.classes,
@@ -121,7 +124,7 @@ def main() -> None:
             params_hash=params_hash,
             metrics={"val_acc": kept.val_acc, "val_loss": kept.val_loss, "train_loss": kept.train_loss},
             epoch=kept.epoch,
-            recipe=dataclasses.asdict(recipe),
+            recipe=recorded,
             precision=precision,
         )
         meta = dataclasses.replace(meta, temperature=calibrate(model, val, meta, device))
