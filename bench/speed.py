@@ -20,17 +20,16 @@ import torch.nn.functional as F
 
 from oracle_mnist import engine
 from oracle_mnist.config import load_params
-from oracle_mnist.models import build_model, recipe_for
+from oracle_mnist.models import Recipe, build_model, recipe_for
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 MODELS = ("resnet10t", "resnet18", "mobilenetv3_small_100", "efficientnet_b0", "convnext_atto")
 
 
-def step_time(name: str, batch: int, steps: int, channels_last: bool, bf16: bool) -> float:
-    """Median seconds per training step (the model's recipe: image size, network), after two warm-up steps."""
+def step_time(name: str, recipe: Recipe, batch: int, steps: int, channels_last: bool, bf16: bool) -> float:
+    """Median seconds per training step at the recipe's image size and network, after two warm-up steps."""
     engine.make_deterministic(0)
-    recipe = recipe_for(name)
     size = recipe.image_size
     model = build_model(name, 10, size, network=recipe.network)
     layout = torch.channels_last if channels_last else torch.contiguous_format
@@ -65,8 +64,10 @@ def main() -> None:
     for name in args.models:
         recipe = recipe_for(name)
         size = recipe.image_size
-        plain, last = (step_time(name, train.batch_size, args.steps, cl, False) for cl in (False, True))
-        bf16 = step_time(name, train.batch_size, args.steps, True, True) if native else float("nan")
+        plain, last = (
+            step_time(name, recipe, train.batch_size, args.steps, cl, False) for cl in (False, True)
+        )
+        bf16 = step_time(name, recipe, train.batch_size, args.steps, True, True) if native else float("nan")
         chosen = engine.amp_dtype(CPU, train.amp, build_model(name, 10, size, network=recipe.network))
         used = bf16 if chosen == torch.bfloat16 else last
         print(
