@@ -16,6 +16,11 @@ from helpers import REPO, SAMPLE_DIR, dvc, make_repo_copy
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+# pytest-xdist (addopts: -n auto) runs a worker per core: one torch thread each, or the OpenMP threads of two
+# workers spin against each other on the same cores (measured here: the fast tier took 82 s with two threads a
+# worker, 53 s with one). Tests and stages that need a thread count set it themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +122,12 @@ def onnx_model_file(model_file: Path) -> Path:
     path = model_file.with_name("model.onnx")
     export_onnx(model, meta, path)
     return path
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Each xdist worker builds its own session fixtures: the tests of the shared `dvc repro` go to one worker
+    # (--dist loadgroup), so it runs once.
+    for item in items:
+        if "pipeline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
