@@ -281,7 +281,7 @@ def test_real_server_gives_no_5xx_to_8_concurrent_clients(server: str, glyphs):
 
 
 @pytest.mark.slow
-def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: Path, glyphs):
+def test_real_server_serves_the_onnx_backend(calibrated_model_file: Path, onnx_model_file: Path, glyphs):
     with (
         serve_in_subprocess(server_env(onnx_model_file, "onnx")) as url,
         httpx.Client(base_url=url, timeout=30) as http,
@@ -290,7 +290,9 @@ def test_real_server_serves_the_onnx_backend(model_file: Path, onnx_model_file: 
         resp = http.post(
             "/predict", files=[("files", (f"g{i}.png", d, "image/png")) for i, d in enumerate(glyphs[:4])]
         )
-    expected = Predictor.from_file(model_file).predict([Image.open(io.BytesIO(d)) for d in glyphs[:4]])
+    expected = Predictor.from_file(calibrated_model_file).predict(
+        [Image.open(io.BytesIO(d)) for d in glyphs[:4]]
+    )
     assert [p["index"] for p in resp.json()["predictions"]] == [p.index for p in expected]
 
 

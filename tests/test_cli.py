@@ -73,9 +73,13 @@ def test_text_output_names_file_class_index_and_probability(
     assert lines[1].startswith(f"  1. {pred.name} ({pred.index})")
 
 
-def test_onnx_backend_gives_the_same_classes(capsys, model_file: Path, onnx_model_file: Path, image_files):
+def test_onnx_backend_gives_the_same_classes(
+    capsys, calibrated_model_file: Path, onnx_model_file: Path, image_files
+):
     files = list(map(str, image_files))
-    _, by_torch, _ = run_main(capsys, "predict", *files, "--model", str(model_file), "--json", "--top-k", "3")
+    _, by_torch, _ = run_main(
+        capsys, "predict", *files, "--model", str(calibrated_model_file), "--json", "--top-k", "3"
+    )
     code, by_onnx, _ = run_main(
         capsys,
         "predict",

@@ -24,11 +24,13 @@ from oracle_mnist.export import (
 from oracle_mnist.inference import ONNX_META_KEY, Predictor
 
 
-def test_onnx_file_carries_the_model_metadata_and_a_dynamic_batch(onnx_model_file: Path, model_file: Path):
+def test_onnx_file_carries_the_model_metadata_and_a_dynamic_batch(
+    onnx_model_file: Path, calibrated_model_file: Path
+):
     proto = onnx.load(str(onnx_model_file))
     props = {p.key: p.value for p in proto.metadata_props}
     meta = json.loads(props[ONNX_META_KEY])
-    torch_meta = Predictor.from_file(model_file).meta
+    torch_meta = Predictor.from_file(calibrated_model_file).meta
     assert meta["model_name"] == "resnet18"
     assert tuple(meta["class_names"]) == torch_meta.class_names
     assert (meta["mean"], meta["std"], meta["data_hash"]) == (
@@ -44,21 +46,27 @@ def test_onnx_file_carries_the_model_metadata_and_a_dynamic_batch(onnx_model_fil
     assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
 
 
-def test_parity_with_torch_on_all_real_sample_test_images(model_file, onnx_model_file, sample_test_images):
+def test_parity_with_torch_on_all_real_sample_test_images(
+    calibrated_model_file, onnx_model_file, sample_test_images
+):
     images, _ = sample_test_images
     diff = check_parity(
-        Predictor.from_file(model_file, "torch"), Predictor.from_file(onnx_model_file, "onnx"), images
+        Predictor.from_file(calibrated_model_file, "torch"),
+        Predictor.from_file(onnx_model_file, "onnx"),
+        images,
     )
     assert 0 <= diff <= PARITY_TOLERANCE
 
 
 @pytest.mark.parametrize("batch", [1, 3, 64])
-def test_any_batch_size_runs(onnx_model_file: Path, model_file: Path, sample_test_images, batch: int):
+def test_any_batch_size_runs(
+    onnx_model_file: Path, calibrated_model_file: Path, sample_test_images, batch: int
+):
     images = sample_test_images[0][:batch]
     onnx_logits = Predictor.from_file(onnx_model_file, "onnx").logits(images)
     assert onnx_logits.shape == (batch, 10)
     np.testing.assert_allclose(
-        onnx_logits, Predictor.from_file(model_file).logits(images), rtol=0, atol=PARITY_TOLERANCE
+        onnx_logits, Predictor.from_file(calibrated_model_file).logits(images), rtol=0, atol=PARITY_TOLERANCE
     )
 
 
@@ -78,14 +86,9 @@ def test_parity_check_fails_on_a_difference_over_the_tolerance(model_file: Path,
 
 
 def test_the_temperature_round_trips_through_onnx_and_calibrates_its_probabilities(
-    calibrated_model_file: Path, tmp_path: Path, sample_test_images
+    calibrated_model_file: Path, onnx_model_file: Path, tmp_path: Path, sample_test_images
 ):
-    from oracle_mnist.export import export_onnx
-    from oracle_mnist.models import load_model
-
-    model, meta = load_model(calibrated_model_file)
-    export_onnx(model, meta, tmp_path / "calibrated.onnx")
-    by_onnx = Predictor.from_file(tmp_path / "calibrated.onnx", "onnx")
+    by_onnx = Predictor.from_file(onnx_model_file, "onnx")
     by_torch = Predictor.from_file(calibrated_model_file, "torch")
     assert by_onnx.meta == by_torch.meta and by_onnx.meta.temperature == 2.0
     images = sample_test_images[0][:16]
@@ -99,7 +102,7 @@ def test_the_temperature_round_trips_through_onnx_and_calibrates_its_probabiliti
     )
 
     # An ONNX file exported before the temperature existed serves the plain softmax, as it always did.
-    proto = onnx.load(str(tmp_path / "calibrated.onnx"))
+    proto = onnx.load(str(onnx_model_file))
     (entry,) = [p for p in proto.metadata_props if p.key == ONNX_META_KEY]
     entry.value = json.dumps({k: v for k, v in json.loads(entry.value).items() if k != "temperature"})
     onnx.save_model(proto, str(tmp_path / "old.onnx"))

@@ -168,11 +168,15 @@ def test_torch_backend_matches_the_saved_model(model_file: Path, sample_test_ima
     assert [p.index for p in preds] == converted.argmax(axis=1).tolist()
 
 
-def test_onnx_backend_agrees_with_torch(model_file: Path, onnx_model_file: Path, sample_test_images):
+def test_onnx_backend_agrees_with_torch(
+    calibrated_model_file: Path, onnx_model_file: Path, sample_test_images
+):
     images = [Image.fromarray(g) for g in sample_test_images[0][:32]]
-    by_torch = Predictor.from_file(model_file, "torch").predict(images, top_k=3)
+    by_torch = Predictor.from_file(calibrated_model_file, "torch").predict(images, top_k=3)
     by_onnx = Predictor.from_file(onnx_model_file, "onnx")
-    assert by_onnx.meta == Predictor.from_file(model_file).meta  # the metadata travels inside the .onnx
+    assert (
+        by_onnx.meta == Predictor.from_file(calibrated_model_file).meta
+    )  # the metadata travels inside the .onnx
     for a, b in zip(by_torch, by_onnx.predict(images, top_k=3), strict=True):
         assert [i for i, _, _ in a.top_k] == [i for i, _, _ in b.top_k]
         assert a.probability == pytest.approx(b.probability, abs=1e-5)
