@@ -92,7 +92,8 @@ def main() -> None:
     # Normalisation from the training split alone; it travels inside model.pt to evaluate and serving.
     mean, std = float(train[0].mean() / 255.0), float(train[0].std() / 255.0)
     data_hash = engine.digest_arrays(*train, *val)
-    # The recipe's network changes too, where it has any (a model without keeps the hash it had before them).
+    # The recipe's network changes, where it has any. A recipe without records none, in the hash and in the model
+    # file, as before networks existed: the same run keeps its hash and writes the same file.
     network = {"network": recipe.network} if recipe.network else {}
     params_hash = engine.digest_json(
         {"model": params.model, "classes": params.classes, "train": cfg.model_dump(), **network}
@@ -111,9 +112,7 @@ def main() -> None:
         kept = result.best
         log_kept(live, kept)
         model.load_state_dict(result.state_dict)
-        recorded = dataclasses.asdict(recipe)
-        if not recipe.network:  # recorded as before networks existed: the same run writes the same file
-            del recorded["network"]
+        recorded = {k: v for k, v in dataclasses.asdict(recipe).items() if k != "network"} | network
         meta = ModelMeta(
             model_name=params.model,
             class_names=params.classes,
