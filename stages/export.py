@@ -24,7 +24,9 @@ def main() -> None:
     # The ONNX file takes its place only once it has passed the parity check.
     with atomic_path(ONNX_MODEL) as tmp:
         export_onnx(model, meta, tmp)
-        diff = check_parity(Predictor.from_file(MODEL, "torch"), Predictor.from_file(tmp, "onnx"), images)
+        diff = check_parity(
+            Predictor.from_file(MODEL, "torch"), Predictor.from_file(tmp, "onnx"), images, name=ONNX_MODEL
+        )
     write_json(
         METRICS,
         {"max_abs_logit_diff": diff, "tolerance": PARITY_TOLERANCE, "images": len(images), "opset": OPSET},

@@ -19,7 +19,7 @@ from oracle_mnist.export import (
     OUTPUT_NAME,
     PARITY_TOLERANCE,
     check_parity,
-    max_logit_difference,
+    logit_differences,
 )
 from oracle_mnist.inference import ONNX_META_KEY, Predictor
 
@@ -74,12 +74,36 @@ def test_parity_check_fails_on_a_difference_over_the_tolerance(model_file: Path,
     images = sample_test_images[0][:8]
     reference = Predictor.from_file(model_file)
     run = reference._run
-    shifted = Predictor(reference.meta, lambda batch: run(batch) + 2e-4, "onnx", Path("shifted.onnx"))
-    assert max_logit_difference(reference, shifted, images) == pytest.approx(2e-4, rel=0.05)
+
+    def fake(logits_of, name: str = "other.onnx") -> Predictor:
+        return Predictor(reference.meta, logits_of, "onnx", Path(name))
+
+    # Logits within +-0.5 (a scale of 1): the tolerance is absolute.
+    small = fake(lambda batch: 0.5 * np.tanh(run(batch)))
+    shifted = fake(lambda batch: 0.5 * np.tanh(run(batch)) + 2e-4, "shifted.onnx")
+    assert logit_differences(small, shifted, images) == pytest.approx((2e-4, 2e-4), rel=0.05)
     with pytest.raises(
-        OracleMnistError, match=r"shifted.onnx: ONNX logits differ from torch by 0.0002 \(> 0.0001\)"
+        OracleMnistError,
+        match=r"shifted.onnx: ONNX logits differ from torch by 0.0002 of the logits' scale \(> 0.0001; "
+        r"0.0002 absolute\) on 8 images",
     ):
-        check_parity(reference, shifted, images)
+        check_parity(small, shifted, images)
+    with pytest.raises(OracleMnistError, match=r"^models/model.onnx: ONNX logits differ"):
+        check_parity(small, shifted, images, name=Path("models/model.onnx"))
+
+    # Each image's largest |logit| 200 (a barely trained network's scale): float32 rounding there is ~1e-5
+    # absolute, so 2e-3 passes and 0.05 (2.5e-4 of the scale) does not.
+    def big(batch):
+        logits = run(batch).astype(np.float64)
+        return 200 * logits / np.abs(logits).max(axis=1, keepdims=True)
+
+    reference_big = fake(big)
+    assert check_parity(reference_big, fake(lambda b: big(b) + 2e-3), images) == pytest.approx(2e-3, rel=1e-6)
+    with pytest.raises(
+        OracleMnistError, match=r"by 0.00025 of the logits' scale \(> 0.0001; 0.05 absolute\)"
+    ):
+        check_parity(reference_big, fake(lambda b: big(b) + 0.05), images)
+
     stale = Predictor(dataclasses.replace(reference.meta, epoch=99), run, "onnx", Path("s.onnx"))
     with pytest.raises(OracleMnistError, match=r"s\.onnx: metadata differs"):
         check_parity(reference, stale, images)
