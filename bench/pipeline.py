@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+
+from oracle_mnist import engine
+from oracle_mnist.config import load_params
 
 # The repository copy is the tests' own (tests/helpers.py), the --set parser bench/models.py's.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -35,18 +37,17 @@ from models import STAGES, parse_set
 STAGE_LINE = re.compile(r"^(Running stage|Stage) '([\w-]+)'(.*)")
 
 
-def device_name() -> str:
-    """What the train stage's `train.device: auto` picks first, in words."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+def device_name(repo: Path) -> str:
+    """The device the train stage picks in `repo` (its `train.device`, through the stage's own picker), in words."""
+    device = engine.select_device(load_params(repo / "params.yaml").train.device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    if device.type != "cpu":
+        return device.type
     info = Path("/proc/cpuinfo")
-    names = (
-        [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("model name")]
-        if info.exists()
-        else []
-    )
-    cpu = names[0] if names else platform.processor() or "unknown CPU"
-    return f"{cpu}, {os.cpu_count()} cores (no CUDA device)"
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return f"{names[0] if names else platform.processor() or 'a CPU'}, {os.cpu_count()} cores"
 
 
 def timed_dvc(repo: Path, *args: str) -> dict[str, float | str]:
@@ -111,7 +112,8 @@ def main() -> None:
         if repo.exists():
             raise SystemExit(f"error: --keep {repo}: already exists; name a new folder")
         make_repo_copy(repo, repo / "data/sources/oracle-mnist-sample", changes)
-        print(f"device: {device_name()}\ncopy: {repo}", flush=True)
+        device = device_name(repo)
+        print(f"device: {device}\ncopy: {repo}", flush=True)
         start = time.perf_counter()
         first = timed_dvc(repo, "repro")
         first_total = time.perf_counter() - start
@@ -123,9 +125,9 @@ def main() -> None:
         second_total = time.perf_counter() - start
         second_metrics = json.loads((repo / "metrics/evaluate.json").read_text(encoding="utf-8"))
 
-    default = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["model"]
+    default = load_params(REPO / "params.yaml").model
     changed = "".join(f", {item}" for item in args.set)
-    print(f"\ndevice: {device_name()}")
+    print(f"\ndevice: {device}")
     print(f"| stage | `dvc repro` ({default}{changed}) | `dvc exp run -S model={args.model}` |")
     print("| --- | --- | --- |")
     for stage in STAGES:
