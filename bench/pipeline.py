@@ -31,15 +31,15 @@ from oracle_mnist.config import load_params
 
 # The repository copy is the tests' own (tests/helpers.py), the --set parser bench/models.py's.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import REPO, git, make_repo_copy
+from helpers import git, make_repo_copy
 from models import STAGES, parse_set
 
 STAGE_LINE = re.compile(r"^(Running stage|Stage) '([\w-]+)'(.*)")
 
 
-def device_name(repo: Path) -> str:
-    """The device the train stage picks in `repo` (its `train.device`, through the stage's own picker), in words."""
-    device = engine.select_device(load_params(repo / "params.yaml").train.device)
+def device_name(setting: str) -> str:
+    """The device the train stage picks for `train.device` = `setting` (its own picker), in words."""
+    device = engine.select_device(setting)
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
     if device.type != "cpu":
@@ -112,7 +112,9 @@ def main() -> None:
         if repo.exists():
             raise SystemExit(f"error: --keep {repo}: already exists; name a new folder")
         make_repo_copy(repo, repo / "data/sources/oracle-mnist-sample", changes)
-        device = device_name(repo)
+        # Read before `dvc exp run` rewrites them: the first run's params, --set included.
+        params = load_params(repo / "params.yaml")
+        device = device_name(params.train.device)
         print(f"device: {device}\ncopy: {repo}", flush=True)
         start = time.perf_counter()
         first = timed_dvc(repo, "repro")
@@ -125,10 +127,9 @@ def main() -> None:
         second_total = time.perf_counter() - start
         second_metrics = json.loads((repo / "metrics/evaluate.json").read_text(encoding="utf-8"))
 
-    default = load_params(REPO / "params.yaml").model
     changed = "".join(f", {item}" for item in args.set)
     print(f"\ndevice: {device}")
-    print(f"| stage | `dvc repro` ({default}{changed}) | `dvc exp run -S model={args.model}` |")
+    print(f"| stage | `dvc repro` ({params.model}{changed}) | `dvc exp run -S model={args.model}` |")
     print("| --- | --- | --- |")
     for stage in STAGES:
         print(f"| {stage} | {cell(first.get(stage))} | {cell(second.get(stage))} |")
