@@ -174,9 +174,8 @@ def test_onnx_backend_agrees_with_torch(
     images = [Image.fromarray(g) for g in sample_test_images[0][:32]]
     by_torch = Predictor.from_file(calibrated_model_file, "torch").predict(images, top_k=3)
     by_onnx = Predictor.from_file(onnx_model_file, "onnx")
-    assert (
-        by_onnx.meta == Predictor.from_file(calibrated_model_file).meta
-    )  # the metadata travels inside the .onnx
+    # The metadata travels inside the .onnx.
+    assert by_onnx.meta == Predictor.from_file(calibrated_model_file).meta
     for a, b in zip(by_torch, by_onnx.predict(images, top_k=3), strict=True):
         assert [i for i, _, _ in a.top_k] == [i for i, _, _ in b.top_k]
         assert a.probability == pytest.approx(b.probability, abs=1e-5)
