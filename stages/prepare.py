@@ -13,7 +13,15 @@ from oracle_mnist.config import load_params
 from oracle_mnist.datasets import SPLITS, class_counts, save_features, save_manifest, split_idx, split_scans
 from oracle_mnist.errors import stage_main
 from oracle_mnist.fsutil import atomic_dir, write_json
-from oracle_mnist.sources import FetchedFile, Limits, blame_source, fetch_idx, fetch_scans, is_url
+from oracle_mnist.sources import (
+    FetchedFile,
+    Limits,
+    blame_source,
+    fetch_idx,
+    fetch_scans,
+    is_url,
+    resolve_local,
+)
 
 PARAMS = Path("params.yaml")
 RAW = Path("data/raw")
@@ -46,7 +54,7 @@ def main() -> None:
                 f.name: {"sha256": f.sha256, "bytes": f.size, "verified_by": f.verified_by} for f in fetched
             }
         else:
-            fetched = fetch_scans(data.source, raw, base_dir)
+            fetched = fetch_scans(data.source, raw, base_dir, data.max_pixels)
             manifests = split_scans(
                 raw, params.classes, data.val_fraction, data.seed, data.min_side, data.max_pixels
             )
@@ -66,7 +74,11 @@ def main() -> None:
 
 
 def warn_if_untracked(source: str, base_dir: Path) -> None:
-    if is_url(source) or (base_dir / source).resolve().is_relative_to((base_dir / TRACKED_SOURCES).resolve()):
+    if is_url(source):
+        return
+    # resolve_local first: a bad source (a symlink loop above all, which resolve() raises on as a
+    # RuntimeError) is an error naming it, not a traceback.
+    if resolve_local(source, base_dir).resolve().is_relative_to((base_dir / TRACKED_SOURCES).resolve()):
         return
     print(
         f"warning: data.source: {source} lies outside {TRACKED_SOURCES}/, so DVC cannot see changes to it and "

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
+import os
 import shutil
+import threading
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -329,3 +334,55 @@ def test_split_scans_and_convert_scans(tmp_path: Path):
     (tmp_path / "bad.json").write_text('[{"path": "x.png"}]')
     with pytest.raises(OracleMnistError, match=r"bad.json: not a scans manifest"):
         load_manifest(tmp_path / "bad.json", 10)
+
+
+@contextlib.contextmanager
+def fifo_writer(fifo: Path) -> Iterator[None]:
+    """Opens `fifo` for writing, and closes it at once, as soon as a reader has it open: a reader that should
+    never have opened it (the bug under test) then reads end of file instead of waiting for ever."""
+    stop = threading.Event()
+
+    def unblock() -> None:
+        while not stop.wait(0.01):
+            try:
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                return
+            except OSError as exc:  # ENXIO: no reader yet
+                if exc.errno != errno.ENXIO:
+                    raise
+
+    thread = threading.Thread(target=unblock, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def test_open_scan_reads_regular_files_only_and_bounds_their_size(tmp_path: Path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with (
+        fifo_writer(tmp_path / "pipe.png"),
+        pytest.raises(OracleMnistError, match=r"pipe.png: a FIFO \(named pipe\), not a regular file"),
+    ):
+        open_scan(tmp_path / "pipe.png", 16, 40_000_000)
+    limit = 8 * 1000 + (1 << 20)  # 8 bytes a pixel of max_pixels, plus 1 MiB
+    with open(tmp_path / "big.png", "wb") as fh:
+        fh.truncate(limit + 1)  # sparse: costs no disk
+    with pytest.raises(
+        OracleMnistError,
+        match=rf"big.png: {limit + 1} bytes, over the limit of {limit} bytes "
+        r"for a scan \(8 a pixel of data.max_pixels=1000, plus 1 MiB\); refused before reading it",
+    ):
+        open_scan(tmp_path / "big.png", 16, 1000)
+
+
+def test_split_scans_names_a_fifo_as_such(tmp_path: Path):
+    root = scans_tree(tmp_path / "scans")
+    os.mkfifo(root / "test" / "6" / "pipe.png")
+    with (
+        fifo_writer(root / "test" / "6" / "pipe.png"),
+        pytest.raises(OracleMnistError, match=r"test/6/pipe.png: a FIFO \(named pipe\), not a regular file"),
+    ):
+        split_scans(root, CLASSES, 0.2, 42, 16, 40_000_000)

@@ -373,6 +373,10 @@ SCANS_CASES = {
         lambda r: png_bomb(r / "train" / "0" / "bomb.png", 10_000, 10_000),
         r"train/0/bomb.png: 10000x10000 = 100000000 pixels is over data.max_pixels=40000000",
     ),
+    "fifo": (
+        lambda r: os.mkfifo(r / "train" / "4" / "pipe.png"),
+        r"train/4/pipe.png: a FIFO \(named pipe\), not a regular file",
+    ),
 }
 
 
@@ -384,6 +388,17 @@ def test_prepare_refuses_bad_scans(case: str, repo_copy: Path, sample_dir: Path,
     before = tree_digest(source)
     write_params(repo_copy, {"data": {"source": str(source), "format": "scans"}})
     assert_refused(repo_copy, source, before, re.escape(f"{source}/") + message)
+
+
+def test_prepare_names_a_self_looping_source(repo_copy: Path):
+    (repo_copy / "data" / "sources" / "loop").symlink_to("loop")
+    write_params(repo_copy, {"data": {"source": "data/sources/loop", "format": "scans"}})
+    assert_refused(
+        repo_copy,
+        None,
+        None,
+        r"data.source: \S*/data/sources/loop is not a directory \(a symlink loop \(too many levels",
+    )
 
 
 def test_featurize_without_prepare_names_what_to_run(repo_copy: Path):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import resource
 import shutil
 import socket
 import threading
@@ -321,3 +324,159 @@ def test_download_returns_the_sha256_it_computed_while_streaming(served, tmp_pat
     url, _ = served
     digest = download(url + "t10k-labels-idx1-ubyte.gz", tmp_path / "l.gz", Limits(timeout=5), retries=1)
     assert digest == sha256_file(sample_dir / "t10k-labels-idx1-ubyte.gz") == sha256_file(tmp_path / "l.gz")
+
+
+# --- what a local source may hold: regular files only, bounded, symlinks only inside ----------------------
+
+
+@pytest.fixture
+def bounded_writes() -> Iterator[None]:
+    """Files this process writes stop at 64 MiB (Python ignores SIGXFSZ: the write fails with EFBIG), so a
+    copy without a bound, the bug these tests look for, fails the test instead of filling the disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def scans_source(root: Path) -> Path:
+    """train/<label>/ and test/<label>/ with one file each: copying does not decode them."""
+    for split in ("train", "test"):
+        for label in range(10):
+            (root / split / str(label)).mkdir(parents=True)
+            (root / split / str(label) / "0.png").write_bytes(f"{split} {label}".encode())
+    return root
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+SCANS_NOT_REGULAR = {
+    "fifo": (lambda p: os.mkfifo(p), r"a FIFO \(named pipe\), not a regular file"),
+    "device": (
+        lambda p: os.symlink("/dev/zero", p),
+        r"a character device \(a symlink to /dev/zero\), not a regular file",
+    ),
+    "loop": (lambda p: os.symlink(p.name, p), r"a symlink loop \(too many levels of symbolic links\)"),
+    "dangling": (
+        lambda p: os.symlink("gone.png", p),
+        r"a dangling symlink \(to gone.png, which does not exist\)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCANS_NOT_REGULAR))
+def test_scans_copy_refuses_what_is_not_a_regular_file(case: str, tmp_path: Path, bounded_writes):
+    make, problem = SCANS_NOT_REGULAR[case]
+    root = scans_source(tmp_path / "repo" / "scans")
+    bad = root / "train" / "4" / "1.png"
+    make(bad)
+    before = listing(root)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(OracleMnistError, match=re.escape(f"{bad}: ") + problem):
+        fetch_scans(str(root), dest, tmp_path / "repo")
+    assert not (dest / "train" / "4" / "1.png").exists()
+    assert listing(root) == before
+
+
+def test_a_scan_over_the_byte_limit_is_refused_before_copying(tmp_path: Path, bounded_writes):
+    root = scans_source(tmp_path / "scans")
+    big = root / "test" / "2" / "big.png"
+    # Sparse: 2 MiB that cost no disk; max_pixels=1000 allows 8 * 1000 bytes + 1 MiB.
+    with open(big, "wb") as fh:
+        fh.truncate(2 << 20)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(
+        OracleMnistError,
+        match=re.escape(f"{big}: {2 << 20} bytes, over the limit of {8000 + (1 << 20)} bytes for a scan ")
+        + r"\(8 a pixel of data.max_pixels=1000, plus 1 MiB\); refused before reading it",
+    ):
+        fetch_scans(str(root), dest, tmp_path, max_pixels=1000)
+    assert not (dest / "test" / "2" / "big.png").exists()
+
+
+def test_symlinked_class_folders_are_followed_inside_the_repository_only(tmp_path: Path):
+    repo = tmp_path / "repo"
+    root = scans_source(repo / "data" / "sources" / "scans")
+    # Inside the repository (a dvc-added folder, say): followed, its files copied under the link's name.
+    shutil.move(root / "train" / "3", repo / "cattle")
+    (root / "train" / "3").symlink_to(repo / "cattle", target_is_directory=True)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    fetched = fetch_scans(str(root), dest, repo)
+    assert "train/3/0.png" in {f.name for f in fetched}
+    assert (dest / "train" / "3" / "0.png").read_bytes() == b"train 3"
+    assert not (dest / "train" / "3").is_symlink()
+    # Outside both the source and the repository: refused naming the symlink, not skipped.
+    shutil.move(repo / "cattle", tmp_path / "cattle")
+    (root / "train" / "3").unlink()
+    (root / "train" / "3").symlink_to(tmp_path / "cattle", target_is_directory=True)
+    with pytest.raises(
+        OracleMnistError,
+        match=re.escape(f"{root}/train/3: a symlink to {tmp_path.resolve()}/cattle, outside the source"),
+    ):
+        fetch_scans(str(root), tmp_path / "raw2", repo)
+
+
+@pytest.mark.parametrize(
+    ("link", "target"), [("train/1/up", "../.."), ("train/5", ".."), ("test", ".")], ids=str
+)
+def test_a_folder_symlink_to_a_folder_that_holds_it_is_refused(tmp_path: Path, link: str, target: str):
+    root = scans_source(tmp_path / "scans")
+    if (root / link).exists():
+        shutil.rmtree(root / link)
+    (root / link).symlink_to(target, target_is_directory=True)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(
+        OracleMnistError,
+        match=re.escape(f"{root / link}: a symlink to ")
+        + r".*, a folder that holds the symlink itself \(a loop\)",
+    ):
+        fetch_scans(str(root), dest, tmp_path)
+
+
+def test_a_self_looping_source_is_named_as_a_symlink_loop(tmp_path: Path):
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(
+        OracleMnistError,
+        match=re.escape(f"data.source: {tmp_path}/loop is not a directory (a symlink loop (too many levels"),
+    ):
+        fetch_scans("loop", tmp_path / "raw", tmp_path)
+
+
+IDX_NOT_REGULAR = {
+    "device": (
+        "t10k-labels-idx1-ubyte.gz",
+        lambda p: os.symlink("/dev/zero", p),
+        r"a character device \(a symlink to /dev/zero\), not a regular file",
+    ),
+    "fifo-sums": ("SHA256SUMS", lambda p: os.mkfifo(p), r"a FIFO \(named pipe\), not a regular file"),
+    "too-big": (
+        "train-labels-idx1-ubyte.gz",
+        lambda p: os.truncate(p, 2_000_000),  # sparse: no disk
+        r"2000000 bytes, over data.max_download_bytes=1000000; refused before reading it",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IDX_NOT_REGULAR))
+def test_idx_copy_refuses_special_and_oversized_files(
+    case: str, tmp_path: Path, sample_dir: Path, bounded_writes
+):
+    name, make, problem = IDX_NOT_REGULAR[case]
+    copy = copy_sample(sample_dir, tmp_path / "copy")
+    if case != "too-big":
+        (copy / name).unlink()
+    make(copy / name)
+    dest = tmp_path / "raw"
+    dest.mkdir()
+    with pytest.raises(OracleMnistError, match=re.escape(f"{copy / name}: ") + problem):
+        # The sample's largest file holds 999,680 bytes.
+        fetch_idx(str(copy), dest, tmp_path, Limits(max_bytes=1_000_000))
+    assert not (dest / name).exists()

@@ -19,7 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.fsutil import atomic_path, write_json
+from oracle_mnist.fsutil import atomic_path, read_regular, write_json
 from oracle_mnist.images import convert, open_image
 
 J = TypeVar("J")
@@ -214,7 +214,8 @@ def scan_items(root: Path, split: str, classes: Sequence[str]) -> list[tuple[str
         for path in sorted(entry.iterdir()):
             if path.name.startswith("."):
                 continue
-            if not path.is_file():
+            # Anything else that is not a regular file (a FIFO, a device) is refused by open_scan, by its kind.
+            if path.is_dir():
                 raise OracleMnistError(f"{path}: unexpected folder inside a class folder")
             items.append((path.relative_to(root).as_posix(), label))
             counts[label] += 1
@@ -224,10 +225,25 @@ def scan_items(root: Path, split: str, classes: Sequence[str]) -> list[tuple[str
     return items
 
 
+def max_scan_bytes(max_pixels: int) -> int:
+    """The most bytes one scan file may hold: 8 a pixel (uncompressed 16-bit RGBA, the widest layout) of the
+    largest image `max_pixels` admits, plus 1 MiB of headers and metadata. No image within data.max_pixels
+    needs more, so a larger file is refused before it is read or copied: a file never has to be read whole
+    to find out it is too big."""
+    return 8 * max_pixels + (1 << 20)
+
+
+def scan_bytes_limit(max_pixels: int) -> str:
+    """`max_scan_bytes` as the error messages name it."""
+    return f"the limit of {max_scan_bytes(max_pixels)} bytes for a scan (8 a pixel of data.max_pixels={max_pixels}, plus 1 MiB)"
+
+
 def open_scan(path: Path, min_side: int, max_pixels: int) -> Image.Image:
-    """Open and fully decode one scan through `images.open_image` (empty files, non-images, truncated files
-    and decompression bombs refused, the last before any pixel is decompressed), then refuse tiny images."""
-    img = open_image(path.read_bytes(), str(path), max_pixels, limit_name="data.max_pixels")
+    """Open and fully decode one scan through `images.open_image` (only a regular file within
+    `max_scan_bytes`; empty files, non-images, truncated files and decompression bombs refused, the last
+    before any pixel is decompressed), then refuse tiny images."""
+    data = read_regular(path, max_scan_bytes(max_pixels), scan_bytes_limit(max_pixels))
+    img = open_image(data, str(path), max_pixels, limit_name="data.max_pixels")
     w, h = img.size
     if min(w, h) < min_side:
         raise OracleMnistError(f"{path}: {w}x{h} is smaller than data.min_side={min_side} pixels")

@@ -17,8 +17,8 @@ import dataclasses
 import hashlib
 import http.client
 import os
-import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -31,13 +31,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from oracle_mnist.config import OFFICIAL_SOURCE
-from oracle_mnist.datasets import IDX_FILES
+from oracle_mnist.config import OFFICIAL_SOURCE, DataConfig
+from oracle_mnist.datasets import IDX_FILES, max_scan_bytes, scan_bytes_limit
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.fsutil import git_blob_file, sha256_file
+from oracle_mnist.fsutil import (
+    check_regular,
+    copy_regular,
+    file_kind,
+    git_blob_file,
+    os_problem,
+    read_regular,
+    sha256_file,
+    stat_path,
+)
 
 IDX_NAMES = tuple(name for pair in IDX_FILES.values() for name in pair)
 SUMS_FILE = "SHA256SUMS"
+# A checksum list is text, small: a large one is not one.
+MAX_SUMS_BYTES = 1 << 20
 
 
 class NotFoundError(OracleMnistError):
@@ -111,8 +122,12 @@ def resolve_local(source: str, base_dir: Path) -> Path:
         )
     path = Path(source).expanduser()
     path = path if path.is_absolute() else base_dir / path
-    if not path.is_dir():
-        raise OracleMnistError(f"data.source: {path} is not a directory")
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise OracleMnistError(f"data.source: {path} is not a directory ({os_problem(path, exc)})") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise OracleMnistError(f"data.source: {path} is not a directory ({file_kind(info.st_mode)})")
     return path
 
 
@@ -162,14 +177,18 @@ def fetch_idx(
         base = source if source.endswith("/") else source + "/"
         return _download_idx(base, dest, limits or Limits(), retries)
     root = resolve_local(source, base_dir)
-    expected, sums_name = _local_sums(root)
+    tree = _LocalTree(root, base_dir)
+    expected, sums_name = _local_sums(tree)
+    # The same ceiling as a download of the same file: a local copy is no reason to read without end.
+    max_bytes = (limits or Limits()).max_bytes
     fetched = []
     for name in IDX_NAMES:
-        if not (root / name).is_file():
+        if not os.path.lexists(root / name):
             raise OracleMnistError(
                 f"data.source: {root / name} not found (an idx source needs {list(IDX_NAMES)})"
             )
-        shutil.copyfile(root / name, dest / name)
+        tree.check_file(root / name)
+        copy_regular(root / name, dest / name, max_bytes, f"data.max_download_bytes={max_bytes}")
         fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
     return fetched
 
@@ -178,8 +197,7 @@ def _download_idx(base: str, dest: Path, limits: Limits, retries: int) -> list[F
     if base == OFFICIAL_SOURCE:
         expected, sums_name = dict(OFFICIAL_CHECKSUMS), "the pinned upstream commit"
     else:
-        # A checksum list is text, small: a large one is not one.
-        sums_limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes, 1 << 20))
+        sums_limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes, MAX_SUMS_BYTES))
         sums_text = download_text(base + SUMS_FILE, sums_limits, retries)
         expected = _as_checksums(parse_sums(sums_text, base + SUMS_FILE)) if sums_text is not None else {}
         sums_name = base + SUMS_FILE
@@ -196,39 +214,111 @@ def _download_idx(base: str, dest: Path, limits: Limits, retries: int) -> list[F
     return fetched
 
 
-def fetch_scans(source: str, dest: Path, base_dir: Path) -> list[FetchedFile]:
-    """Copy a local scans tree's train/ and test/ into `dest`, verified against its SHA256SUMS if any."""
+def fetch_scans(
+    source: str, dest: Path, base_dir: Path, max_pixels: int = DataConfig.model_fields["max_pixels"].default
+) -> list[FetchedFile]:
+    """Copy a local scans tree's train/ and test/ into `dest`, verified against its SHA256SUMS if any. Only
+    regular files within `datasets.max_scan_bytes(max_pixels)` are copied (see `_LocalTree` for symlinks)."""
     if is_url(source):
         raise OracleMnistError(
             f"data.source: {source} is a URL, but data.format 'scans' needs a local directory "
             "holding train/<label>/* and test/<label>/*"
         )
     root = resolve_local(source, base_dir)
-    expected, sums_name = _local_sums(root)
+    tree = _LocalTree(root, base_dir)
+    expected, sums_name = _local_sums(tree)
+    max_bytes, limit = max_scan_bytes(max_pixels), scan_bytes_limit(max_pixels)
     fetched = []
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise OracleMnistError(
-                f"data.source: {root / split} not found (scans need train/<label>/, test/<label>/)"
-            )
-        for dirpath, dirnames, filenames in os.walk(root / split):
-            # Desktop litter (.DS_Store, ._* resource forks, .thumbnails/) is not part of a scans tree.
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(f for f in filenames if not f.startswith(".")):
-                src = Path(dirpath, filename)
-                name = src.relative_to(root).as_posix()
-                (dest / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dest / name)
-                fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
+    for src in _scan_files(tree):
+        name = src.relative_to(root).as_posix()
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        copy_regular(src, dest / name, max_bytes, limit)
+        fetched.append(verify(dest / name, name, _pick(expected, name, sums_name), sums_name))
     return fetched
 
 
-def _local_sums(root: Path) -> tuple[dict[str, Checksum], str]:
-    sums_path = root / SUMS_FILE
-    if not sums_path.is_file():
-        print(f"warning: {root} has no {SUMS_FILE}; files are checked by content only", file=sys.stderr)
+def _scan_files(tree: _LocalTree) -> Iterator[Path]:
+    """The files of train/<label>/* and test/<label>/*, and loose files beside the class folders (which
+    datasets.scan_items refuses, naming them). Walked to the layout's depth and no further, so no symlink
+    can make the walk endless."""
+    for split in ("train", "test"):
+        split_dir = tree.root / split
+        if not os.path.lexists(split_dir) or not tree.is_dir(split_dir):
+            raise OracleMnistError(
+                f"data.source: {split_dir} not found (scans need train/<label>/, test/<label>/)"
+            )
+        for entry in _entries(split_dir):
+            if not tree.is_dir(entry):
+                tree.check_file(entry)
+                yield entry
+                continue
+            for path in _entries(entry):
+                if tree.is_dir(path):
+                    raise OracleMnistError(f"{path}: unexpected folder inside a class folder")
+                tree.check_file(path)
+                yield path
+
+
+def _entries(folder: Path) -> list[Path]:
+    # Desktop litter (.DS_Store, ._* resource forks, .thumbnails/) is not part of a scans tree.
+    try:
+        return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        raise OracleMnistError(f"{folder}: {os_problem(folder, exc)}") from None
+
+
+class _LocalTree:
+    """The symlink policy of a local source: a symlink, to a file or a folder, is followed only when its
+    target lies inside the source itself or inside the repository (base_dir: `dvc add` with symlinked cache
+    files links into .dvc/cache), and a folder symlink never to a folder that holds it (a loop). Anything
+    else is refused naming the symlink, never skipped: a skipped class folder would surface later as an
+    empty class."""
+
+    def __init__(self, root: Path, base_dir: Path) -> None:
+        self.root = root
+        self.allowed = (root.resolve(), base_dir.resolve())
+
+    def is_dir(self, path: Path) -> bool:
+        """Whether `path` is a folder to walk (a symlink to one checked as above)."""
+        info = stat_path(path)
+        if not stat.S_ISDIR(info.st_mode):
+            return False
+        if path.is_symlink():
+            target = self._target(path)
+            if path.parent.resolve().is_relative_to(target):
+                raise OracleMnistError(
+                    f"{path}: a symlink to {target}, a folder that holds the symlink itself (a loop)"
+                )
+        return True
+
+    def check_file(self, path: Path) -> None:
+        """Refuse `path` unless it is a regular file (through a symlink checked as above)."""
+        check_regular(path, stat_path(path))
+        if path.is_symlink():
+            self._target(path)
+
+    def _target(self, link: Path) -> Path:
+        target = link.resolve()
+        if not any(target.is_relative_to(inside) for inside in self.allowed):
+            raise OracleMnistError(
+                f"{link}: a symlink to {target}, outside the source ({self.allowed[0]}) and the "
+                f"repository ({self.allowed[1]}); symlinks are followed only inside them"
+            )
+        return target
+
+
+def _local_sums(tree: _LocalTree) -> tuple[dict[str, Checksum], str]:
+    sums_path = tree.root / SUMS_FILE
+    if not os.path.lexists(sums_path):
+        print(f"warning: {tree.root} has no {SUMS_FILE}; files are checked by content only", file=sys.stderr)
         return {}, "none"
-    return _as_checksums(parse_sums(sums_path.read_text(encoding="utf-8"), str(sums_path))), str(sums_path)
+    tree.check_file(sums_path)
+    data = read_regular(sums_path, MAX_SUMS_BYTES, f"the limit of {MAX_SUMS_BYTES} bytes for a checksum list")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OracleMnistError(f"{sums_path}: not UTF-8 text, so not a checksum list") from None
+    return _as_checksums(parse_sums(text, str(sums_path))), str(sums_path)
 
 
 def _as_checksums(sums: dict[str, str]) -> dict[str, Checksum]:
