@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from helpers import REPO, run
 
 from oracle_mnist.datasets import save_features
@@ -44,6 +45,20 @@ def test_onnx_file_carries_the_model_metadata_and_a_dynamic_batch(
     dims = inp.type.tensor_type.shape.dim
     assert dims[0].dim_param and not dims[0].dim_value  # symbolic: any batch size
     assert [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_onnx_bytes_name_no_path_of_this_machine(onnx_model_file: Path):
+    """The exporter records a stack trace per node with the absolute paths of torch's and timm's sources: an
+    install anywhere else (a venv, another Python) exported other bytes, and dvc.lock changed on every clone."""
+    import timm
+
+    raw = onnx_model_file.read_bytes()
+    for package in (torch, timm):
+        assert str(Path(package.__file__).parent.parent).encode() not in raw
+    # What is left of the exporter's node metadata depends on the code alone, and still says where a node
+    # comes from (the module scopes that Netron shows).
+    keys = {entry.key for node in onnx.load(str(onnx_model_file)).graph.node for entry in node.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys and "pkg.torch.onnx.name_scopes" in keys
 
 
 def test_parity_with_torch_on_all_real_sample_test_images(

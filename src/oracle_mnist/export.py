@@ -25,6 +25,10 @@ OPSET = 18
 # barely trained network (logits in the hundreds) differs by 1e-4 absolute with nothing wrong. A broken export
 # differs by far more than that on any scale.
 PARITY_TOLERANCE = 1e-4
+# Node metadata the dynamo exporter writes that names source files by absolute path (torch's and timm's, in
+# this machine's site-packages): the same weights exported from another install location would differ in
+# bytes, and dvc.lock with them. Everything else it records (module names, scopes) depends on the code alone.
+MACHINE_METADATA = ("pkg.torch.onnx.stack_trace",)
 
 
 def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path) -> None:
@@ -51,12 +55,26 @@ def export_onnx(model: nn.Module, meta: ModelMeta, path: str | Path) -> None:
         except Exception as exc:  # the exporter raises many internal types; the model name is what helps
             raise OracleMnistError(f"model {meta.model_name!r}: ONNX export failed: {exc}") from exc
     proto = program.model_proto
+    _drop_machine_metadata(proto)
     entry = proto.metadata_props.add()
     entry.key = ONNX_META_KEY
     entry.value = json.dumps(dataclasses.asdict(meta))
     onnx.checker.check_model(proto)
     with atomic_path(path) as tmp:
         onnx.save_model(proto, str(tmp))
+
+
+def _drop_machine_metadata(proto: onnx.ModelProto) -> None:
+    """Remove MACHINE_METADATA from every node, in the graph, its subgraphs and its functions."""
+    graphs = [proto.graph, *(function for function in proto.functions)]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            kept = [entry for entry in node.metadata_props if entry.key not in MACHINE_METADATA]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            graphs.extend(attr.g for attr in node.attribute if attr.HasField("g"))
+            graphs.extend(sub for attr in node.attribute for sub in attr.graphs)
 
 
 def logit_differences(
