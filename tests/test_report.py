@@ -12,6 +12,7 @@ import pytest
 from helpers import dvc, git
 from PIL import Image
 
+from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.report import faceted_by_revision, only_revision, slug, write_report
 
 STAGE = """\
@@ -160,6 +161,119 @@ def test_unknown_revision_fails_clearly_and_writes_nothing(
     assert not out.exists()
 
 
+def tree(root: Path) -> dict[str, bytes | None]:
+    """Every path under `root` with its content, folders included (None), so a leftover temporary shows."""
+    return {
+        path.relative_to(root).as_posix(): path.read_bytes() if path.is_file() else None
+        for path in sorted(root.rglob("*"))
+    }
+
+
+def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """`oracle-mnist report ARGV`'s error message, checked to be one clean line and exit status 1."""
+    from oracle_mnist.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["report", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1, err
+    assert err.startswith("error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.slow
+def test_an_earlier_report_is_replaced_and_one_with_a_users_file_refused(
+    two_commits: tuple[Path, str, str], tmp_path: Path
+):
+    repo, base, head = two_commits
+    out = tmp_path / "report"
+    write_report(repo, base, head, out)
+    assert f"images/plots_confusion.json@{head}.png" in tree(out)
+    md = write_report(repo, base, None, out).read_text(encoding="utf-8")
+    assert md.startswith(f"# Results: `{base}` vs `workspace`")
+    # All of the earlier report is gone, and nothing is left beside the folder.
+    assert not [name for name in tree(out) if f"@{head}" in name]
+    assert [path.name for path in tmp_path.iterdir()] == ["report"]
+
+    (out / "notes.md").write_text("mine", encoding="utf-8")
+    before = tree(tmp_path)
+    with pytest.raises(OracleMnistError, match=r"not empty and not an earlier report \(it holds notes\.md\)"):
+        write_report(repo, base, head, out)
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("files", "holds"),
+    [
+        ({"notes.md": "mine", "images/figure.png": "png"}, "notes.md"),
+        # A report's names, but not written by the report.
+        (
+            {"report.md": "# My notes\n", "images/figure.png": "png"},
+            "images, report.md: no .oracle-mnist-report",
+        ),
+        # An earlier report a file was added to.
+        (
+            {".oracle-mnist-report": "", "report.md": "# Results: `a` vs `b`\n", "images/sub/x.png": "png"},
+            "images/sub",
+        ),
+    ],
+)
+def test_a_folder_that_is_not_an_earlier_report_is_refused_untouched(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, files: dict[str, str], holds: str
+):
+    (tmp_path / "repo").mkdir()
+    out = tmp_path / "out"
+    for name, text in files.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text, encoding="utf-8")
+    before = tree(tmp_path)
+    err = refused(capsys, "main", "-o", str(out), "--repo", str(tmp_path / "repo"))
+    assert f"output folder {out}: not empty and not an earlier report (it holds {holds}" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("out", "problem"),
+    [
+        (".", "is the repository"),
+        ("..", "is the repository"),
+        ("/", "is the repository"),
+        ("params.yaml", "is a file, not a folder"),
+        ("params.yaml/report", "params.yaml is a file, not a folder"),
+    ],
+)
+def test_the_repository_a_folder_above_it_or_a_file_is_refused_untouched(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    out: str,
+    problem: str,
+):
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    (repo / "params.yaml").write_text("quality: 0.5\n", encoding="utf-8")
+    (repo / "docs" / "index.md").write_text("# Docs\n", encoding="utf-8")
+    monkeypatch.chdir(repo)
+    before = tree(tmp_path)
+    err = refused(capsys, "main", "-o", out)
+    assert err.startswith(f"error: output folder {out}: ") and problem in err, err
+    assert tree(tmp_path) == before
+
+
+def test_an_empty_folder_and_an_earlier_report_are_accepted(tmp_path: Path) -> None:
+    """Including a report from before the marker file, recognised by its title."""
+    from oracle_mnist.report import check_output_folder
+
+    (tmp_path / "empty").mkdir()
+    for name in ("marked", "older"):
+        (tmp_path / name / "images").mkdir(parents=True)
+        (tmp_path / name / "report.md").write_text("# Results: `a` vs `b`\n", encoding="utf-8")
+        (tmp_path / name / "images" / "plot.png").write_bytes(b"png")
+    (tmp_path / "marked" / ".oracle-mnist-report").write_text("", encoding="utf-8")
+    for name in ("new", "empty", "marked", "older"):
+        check_output_folder(tmp_path / name, tmp_path / "repo")
+
+
 def test_only_revision_keeps_one_revision_rows() -> None:
     spec = {
         "facet": {"column": {"field": "rev"}},
@@ -181,7 +295,6 @@ def test_slug_is_file_name_safe() -> None:
 def test_results_only_in_an_unfetched_cache_are_refused_at_once(tmp_path: Path):
     """A revision whose metrics live only in DVC's cache (not in git, not fetched): an error naming the
     revision and the files, before any `dvc` command could wait on a remote."""
-    from oracle_mnist.errors import OracleMnistError
     from oracle_mnist.report import check_fetched, unfetched_results
 
     repo = tmp_path / "repo"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -26,6 +27,12 @@ from oracle_mnist.errors import OracleMnistError
 from oracle_mnist.fsutil import atomic_dir
 
 WORKSPACE = "workspace"
+# Written into every report folder: the report replaces its folder as a whole, so it replaces only a folder
+# it recognises as its own (this file, report.md and images/, nothing else), never a user's folder.
+MARKER = ".oracle-mnist-report"
+MARKER_TEXT = "Written by `oracle-mnist report`; the next report into this folder replaces all of it.\n"
+REPORT_FILES = {MARKER, "report.md", "images"}
+TITLE = "# Results: `"
 # Reading an old revision may fetch its outputs from the remote first; a hung remote must not hang CI.
 DVC_TIMEOUT_S = 900.0
 
@@ -104,6 +111,71 @@ def check_fetched(repo: Path, revs: list[str]) -> None:
                 f"cache; run `git checkout {rev} && dvc fetch` (or `dvc pull`) while the remote is reachable, "
                 "then report again"
             )
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` an earlier report did not write: empty for an earlier report or an empty folder."""
+    entries = {entry.name: entry for entry in folder.iterdir()}
+    foreign = sorted(set(entries) - REPORT_FILES)
+    images = entries.get("images")
+    if images is not None and (images.is_symlink() or not images.is_dir()):
+        foreign.append("images (not a folder)")
+    elif images is not None:
+        foreign += [
+            f"images/{entry.name}"
+            for entry in sorted(images.iterdir())
+            if entry.is_symlink() or not entry.is_file()
+        ]
+    marker = entries.get(MARKER)
+    if marker is not None and (marker.is_symlink() or not marker.is_file()):
+        foreign.append(f"{MARKER} (not a file)")
+    # Reports from before the marker are recognised by their title.
+    if entries and not foreign and marker is None and not _report_md(entries.get("report.md")):
+        foreign.append(f"{', '.join(sorted(entries))}: no {MARKER}, and report.md is not a report's")
+    return foreign
+
+
+def _report_md(path: Path | None) -> bool:
+    if path is None or path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(len(TITLE)) == TITLE.encode()
+
+
+def check_output_folder(out: Path, repo: Path) -> None:
+    """Refuse an output folder the report must not replace: anything but a new folder, an empty one or an
+    earlier report (the repository, the current folder or one above them, a file, a folder of other files)."""
+    where = Path(out).absolute()
+    resolved = Path(os.path.realpath(where))
+    for name, inside in (("the repository", Path(repo)), ("the current folder", Path.cwd())):
+        inside = Path(os.path.realpath(inside))
+        if resolved == inside or resolved in inside.parents:
+            raise OracleMnistError(
+                f"output folder {out}: is {name} ({inside}) or a folder above it; the report replaces its "
+                "folder as a whole, so give it a folder of its own (default: report)"
+            )
+    if where.is_symlink():
+        raise OracleMnistError(
+            f"output folder {out}: is a symlink (to {os.readlink(where)}); give a real folder"
+        )
+    if where.exists() and not where.is_dir():
+        raise OracleMnistError(f"output folder {out}: is a file, not a folder; nothing was written")
+    above = next(parent for parent in where.parents if parent.exists())
+    if not above.is_dir():
+        raise OracleMnistError(f"output folder {out}: {above} is a file, not a folder; nothing was written")
+    if not where.is_dir():
+        return
+    try:
+        foreign = _foreign_entries(where)
+    except OSError as exc:
+        raise OracleMnistError(f"output folder {out}: cannot be read: {exc.strerror or exc}") from None
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise OracleMnistError(
+            f"output folder {out}: not empty and not an earlier report (it holds {shown}); the report "
+            "replaces its folder as a whole, so give a new or empty folder, or remove this one first; "
+            "nothing was written"
+        )
 
 
 def slug(text: str) -> str:
@@ -185,6 +257,7 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
 
     `image_url_prefix` replaces the relative `images/` links, for a comment whose images are hosted elsewhere.
     """
+    check_output_folder(out, repo)
     revs = [base, head or WORKSPACE]
     rev_args = [base] if head is None else [base, head]
     check_fetched(repo, rev_args)
@@ -198,7 +271,7 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
             images.mkdir()
             plot_lines = plot_sections(raw.get("data", {}), revs, images, link)
             lines = [
-                f"# Results: `{revs[0]}` vs `{revs[1]}`",
+                f"{TITLE}{revs[0]}` vs `{revs[1]}`",
                 "",
                 "## Metrics",
                 "",
@@ -216,4 +289,7 @@ def write_report(repo: Path, base: str, head: str | None, out: Path, image_url_p
             if errors:
                 lines += ["", "Plots DVC could not read:", "", "```", json.dumps(errors, indent=1), "```"]
             (staging / "report.md").write_text("\n".join(lines).rstrip() + "\n", encoding="utf-8")
+            (staging / MARKER).write_text(MARKER_TEXT, encoding="utf-8")
+            # Again just before the swap: DVC ran for a while, and a file put in the folder meanwhile is kept.
+            check_output_folder(out, repo)
     return out / "report.md"
