@@ -8,9 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from helpers import REPO
 from PIL import Image
@@ -33,9 +35,16 @@ def nav_pages() -> list[str]:
     return [page for entry in config["nav"] for page in entry.values()]
 
 
-def test_site_builds_strict_with_every_page(tmp_path: Path) -> None:
-    proc = mkdocs_build(REPO / "mkdocs.yml", tmp_path / "site")
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site `mkdocs build --strict` makes of the repository's docs, built once for the module."""
+    site = tmp_path_factory.mktemp("docs") / "site"
+    proc = mkdocs_build(REPO / "mkdocs.yml", site)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    return site
+
+
+def test_site_builds_strict_with_every_page(site: Path) -> None:
     pages = nav_pages()
     assert {
         "index.md",
@@ -47,9 +56,51 @@ def test_site_builds_strict_with_every_page(tmp_path: Path) -> None:
         "results.md",
     } <= set(pages)
     for page in pages:
-        html = tmp_path / "site" / ("index.html" if page == "index.md" else f"{page[:-3]}/index.html")
+        html = site / ("index.html" if page == "index.md" else f"{page[:-3]}/index.html")
         assert html.is_file(), page
-    assert not (tmp_path / "site" / "make_images.py").exists()
+    assert not (site / "make_images.py").exists()
+
+
+class _Loads(HTMLParser):
+    """The URLs a page makes the browser fetch by itself (scripts, stylesheets, icons, images, frames), not
+    the links a reader may follow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attr = dict(attrs)
+        if tag == "link" and attr.get("rel") not in ("canonical", "alternate", "next", "prev"):
+            self.urls.append(attr.get("href") or "")
+        elif tag in ("script", "img", "iframe", "source", "audio", "video", "embed") and attr.get("src"):
+            self.urls.append(attr["src"])
+
+
+def test_site_loads_nothing_from_other_hosts(site: Path) -> None:
+    """Read offline (or behind a firewall), every page gets all its scripts and styles from the site itself;
+    code is highlighted at build time, not by highlight.js from a CDN."""
+    pages = sorted(site.rglob("*.html"))
+    assert len(pages) > len(nav_pages())  # the 404 page too
+    for page in pages:
+        parser = _Loads()
+        parser.feed(page.read_text(encoding="utf-8"))
+        assert parser.urls, page
+        for url in parser.urls:
+            assert not re.match(r"([a-z]+:)?//", url, re.IGNORECASE), f"{page.relative_to(site)}: loads {url}"
+            # The 404 page's are absolute, from the site root.
+            path = url.split("?")[0].split("#")[0]
+            target = site / path.lstrip("/") if path.startswith("/") else page.parent / path
+            assert target.is_file(), f"{page.relative_to(site)}: {url} is not in the site"
+    for css in site.rglob("*.css"):
+        text = css.read_text(encoding="utf-8")
+        imports = re.findall(r"(?:@import\s*(?:url\()?|url\()\s*['\"]?([^'\")\s;]+)", text)
+        external = [url for url in imports if re.match(r"([a-z]+:)?//", url, re.IGNORECASE)]
+        assert not external, f"{css.relative_to(site)}: {external}"
+    experiments = (site / "experiments/index.html").read_text(encoding="utf-8")
+    assert "hljs" not in experiments
+    assert '<div class="codehilite"><pre><span></span><code>dvc<span class="w"> </span>' in experiments
+    assert "css/pygments.css" in experiments
 
 
 def test_pages_show_existing_small_png_images() -> None:
