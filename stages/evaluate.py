@@ -16,6 +16,7 @@ PARAMS = Path("params.yaml")
 MODEL = Path("models/model.pt")
 TEST = Path("data/features/test.npz")
 METRICS = Path("metrics/evaluate.json")
+RECIPE = Path("metrics/recipe.json")
 PER_CLASS_SCORES = Path("metrics/per_class.json")
 CONFUSION = Path("plots/confusion.json")
 PER_CLASS = Path("plots/per_class_accuracy.json")
@@ -49,10 +50,18 @@ def main() -> None:
 
     # Per-class scores go to their own file: in the metrics file each would be a `dvc exp show` column.
     write_json(PER_CLASS_SCORES, report.pop("per_class"))
-    # The recipe in force (auto or set) beside the scores it produced: one `dvc exp show` column, not four; and
-    # the precision it trained in, which makes the same params give other scores on another machine.
-    recipe = str(Recipe(**meta.recipe)) if meta.recipe else "not recorded"
-    write_json(METRICS, {**report, "recipe": recipe, "precision": meta.precision or "not recorded"})
+    # Beside the scores, the numbers in force that produced them (auto resolved): the experiment table's
+    # columns. The whole recipe, and the precision it trained in (which makes the same params give other scores
+    # on another machine), are words, too wide for a column: their own file.
+    recipe = Recipe(**meta.recipe) if meta.recipe else None
+    in_force = {"image_size": meta.image_size}
+    if recipe:
+        in_force.update(epochs=recipe.epochs, lr=recipe.lr)
+    write_json(METRICS, {**report, **in_force})
+    write_json(
+        RECIPE,
+        {"recipe": str(recipe) if recipe else "not recorded", "precision": meta.precision or "not recorded"},
+    )
     write_json(CONFUSION, metrics.confusion_records(labels, preds, meta.class_names))
     write_json(PER_CLASS, metrics.per_class_accuracy(labels, preds, meta.class_names))
     for name, path in RELIABILITY.items():
@@ -62,6 +71,10 @@ def main() -> None:
     )
     with atomic_path(MISCLASSIFIED) as tmp:
         grid.save(tmp, format="PNG")
+    print(
+        f"{TEST}: test accuracy {report['accuracy']:.2%}, macro-F1 {report['macro_f1']:.3f}, "
+        f"ECE {report['ece']:.3f} ({report['ece_uncalibrated']:.3f} before calibration) on {len(labels)} images"
+    )
 
 
 if __name__ == "__main__":

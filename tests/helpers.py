@@ -81,18 +81,19 @@ def git(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
     return run(["git", *args], cwd=repo, check=check)
 
 
-def make_repo_copy(dest: Path, sample_dir: Path, overrides: dict[str, Any] = TEST_PARAMS) -> Path:
+def make_repo_copy(dest: Path, sample_dir: Path | None, overrides: dict[str, Any] = TEST_PARAMS) -> Path:
     """A git+dvc copy of this repository's committed-or-new files (no DVC outputs, no caches), with
     params pointing at `sample_dir` and changed by `overrides` (the shrunken TEST_PARAMS unless told),
-    committed as its first commit."""
+    committed as its first commit. `sample_dir` None: the committed params, dvc.lock and results as they are."""
     files = run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO).stdout.split()
     for rel in files:
         src = REPO / rel
         if src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
-    (dest / "dvc.lock").unlink(missing_ok=True)
-    write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, overrides))
+    if sample_dir is not None:
+        (dest / "dvc.lock").unlink(missing_ok=True)
+        write_params(dest, deep_merge({"data": {"source": str(sample_dir)}}, overrides))
     git(dest, "init", "-q", "-b", "main")
     git(dest, "config", "user.email", "test@example.com")
     git(dest, "config", "user.name", "test")

@@ -121,10 +121,12 @@ def test_every_stage_depends_on_the_library_modules_it_imports():
     )
 
 
-def test_every_stage_script_is_a_dep_of_its_stage():
+def test_every_stage_script_is_covered_by_a_dep_of_its_stage():
+    """The script itself or a folder above it (dvc.yaml lists stages/ once per stage)."""
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"].items():
-        script = stage_script(stage["cmd"], REPO).relative_to(REPO)
-        assert str(script) in stage["deps"], name
+        script = stage_script(stage["cmd"], REPO)
+        deps = [REPO / dep for dep in stage["deps"]]
+        assert script in deps or any(dep in script.parents for dep in deps), name
 
 
 @pytest.fixture

@@ -93,16 +93,19 @@ def test_evaluate_metrics_and_plots_cover_the_test_split(pipeline: Path):
     report = json.loads((pipeline / "metrics/evaluate.json").read_text())
     # Only headline numbers are metrics (each is a `dvc exp show` column); per-class scores have their own file.
     scores = {"accuracy", "macro_f1", "top2_accuracy", "loss", "ece", "ece_uncalibrated"}
-    assert set(report) == scores | {"recipe", "precision"}
-    # The shrunken config's, with lr and CutMix auto.
+    # ... and the numbers in force, auto resolved: the shrunken config's size and epochs, the recipe's lr.
+    assert set(report) == scores | {"image_size", "epochs", "lr"}
+    assert (report["image_size"], report["epochs"], report["lr"]) == (28, 2, 0.002)
+    # The recipe in words and the precision live beside them, not as metric columns.
+    recipe = json.loads((pipeline / "metrics/recipe.json").read_text())
     assert (
-        report["recipe"]
+        recipe["recipe"]
         == "dense: 28 px, 2 epochs, lr 0.002, CutMix 0.5, label smoothing 0.2, mean of the last 2"
     )
     # train.amp's choice for this CPU, as recorded in the model file.
     model, meta = load_model(pipeline / "models/model.pt")
     chosen = engine.amp_dtype(torch.device("cpu"), True, model)
-    assert report["precision"] == meta.precision == engine.precision_name(chosen)
+    assert recipe["precision"] == meta.precision == engine.precision_name(chosen)
     assert 0 <= report["accuracy"] <= report["top2_accuracy"] <= 1 and report["loss"] > 0
     report["per_class"] = json.loads((pipeline / "metrics/per_class.json").read_text())
     assert sum(c["support"] for c in report["per_class"].values()) == 400
@@ -198,9 +201,9 @@ def test_changing_model_reruns_from_featurize_and_records_the_recipe(clone: Path
     scores = exp["metrics"]["metrics/evaluate.json"]["data"]
     assert "accuracy" in scores
     # The shrunken config sets size and epochs; the learning rate is auto, so the depthwise recipe's.
-    assert (
-        scores["recipe"]
-        == f"depthwise: 28 px, 2 epochs, lr {RECIPES['depthwise'].lr:g}, label smoothing 0.1, mean of the last 2"
+    assert (scores["image_size"], scores["epochs"], scores["lr"]) == (28, 2, RECIPES["depthwise"].lr)
+    assert json.loads((clone / "metrics/recipe.json").read_text())["recipe"] == (
+        f"depthwise: 28 px, 2 epochs, lr {RECIPES['depthwise'].lr:g}, label smoothing 0.1, mean of the last 2"
     )
     # The experiment table stays narrow: training curves and per-class scores are not metric columns.
     assert set(exp["metrics"]) == {"metrics/evaluate.json"}

@@ -191,7 +191,7 @@ def build_model(
         hint = f"featurize.image_size: {needed} or more" if needed else f"more than {_MAX_PROBE_SIZE}"
         raise OracleMnistError(
             f"model {name!r} cannot take {image_size}x{image_size} inputs; it needs {hint} "
-            f"(e.g. dvc exp run -S model={name} -S featurize.image_size={needed or 224})"
+            f"(e.g. dvc exp run -S model={name} -S +featurize.image_size={needed or 224})"
         )
     return model
 
