@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
 import subprocess
@@ -192,6 +193,27 @@ def test_app_refuses_to_start_without_its_model(tmp_path: Path):
         pass
 
 
+def test_outside_a_clone_a_missing_model_asks_for_the_setting_not_dvc(tmp_path: Path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: `dvc repro` would fail
+    app = create_app(Settings.from_env({}))
+    with (
+        pytest.raises(OracleMnistError) as exc,
+        TestClient(app),
+    ):
+        pass
+    assert str(exc.value) == (
+        "models/model.pt: model file not found (set ORACLE_MNIST_MODEL to a saved model: a model.pt, or a "
+        "model.onnx with ORACLE_MNIST_BACKEND=onnx)"
+    )
+
+
+def test_a_model_whose_temperature_overflows_never_starts(tmp_path: Path, model_file: Path):
+    broken = broken_model_copy(model_file, tmp_path / "cold.pt", temperature=5e-324)
+    message = f"^{broken}: model metadata: temperature: expected a number from 0.05 to 20 .*got 5e-324$"
+    with pytest.raises(OracleMnistError, match=message), TestClient(create_app(Settings(model_path=broken))):
+        pass
+
+
 # --- a real server --------------------------------------------------------------------------------------
 
 
@@ -345,12 +367,53 @@ def test_model_info_is_every_model_meta_field_and_the_serving_settings(client: T
     }
 
 
-def test_a_model_that_outputs_nan_gets_a_500_never_a_null(client: TestClient, glyphs, monkeypatch):
+def test_a_model_that_outputs_nan_gets_a_500_never_a_null(
+    client: TestClient, model_file: Path, glyphs, monkeypatch, caplog
+):
     predictor = client.app.state.predictor
     monkeypatch.setattr(predictor, "_run", lambda batch: np.full((len(batch), 10), np.nan, np.float32))
-    resp = client.post("/predict", files=[("files", ("g.png", glyphs[0], "image/png"))])
+    with caplog.at_level(logging.ERROR, logger="uvicorn.error"):
+        resp = client.post("/predict", files=[("files", ("g.png", glyphs[0], "image/png"))])
     assert resp.status_code == 500
-    assert "the model's outputs are not finite" in resp.json()["detail"]
+    # The client learns what failed, not where the server keeps its model; the server's log has both.
+    assert resp.json() == {"detail": "the model failed on this request: its outputs were not finite"}
+    assert f"{model_file}: the model's outputs are not finite" in caplog.text
+
+
+@pytest.mark.parametrize("max_files", [SMALL_LIMITS["max_files"], 9])
+def test_openapi_states_the_bounds_on_files_that_the_server_enforces(model_file: Path, glyphs, max_files):
+    limits = {**SMALL_LIMITS, "max_files": max_files}
+    with TestClient(create_app(Settings(model_path=model_file, **limits))) as c:
+        spec = c.get("/openapi.json").json()
+        body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        files = spec["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]["properties"]["files"]
+        assert (files["minItems"], files["maxItems"]) == (1, max_files)
+        # The bounds are the ones enforced: one file over the maximum is refused, the maximum is not.
+        over = [("files", (f"g{i}.png", glyphs[0], "image/png")) for i in range(max_files + 1)]
+        assert c.post("/predict", files=over).status_code == 413
+        assert c.post("/predict", files=over[:max_files]).status_code == 200
+        assert c.post("/predict", data={"top_k": "1"}).status_code == 422
+
+
+def test_blank_and_tiny_uploads_are_flagged_unsure_with_the_reason(client: TestClient, glyphs):
+    files = [
+        ("files", ("glyph.png", glyphs[0], "image/png")),
+        ("files", ("blank.png", encode(Image.new("RGB", (200, 150), (240, 230, 210))), "image/png")),
+        ("files", ("dot.png", encode(Image.new("L", (1, 1), 0)), "image/png")),
+    ]
+    resp = client.post("/predict", files=files)
+    assert resp.status_code == 200, resp.text
+    got = [(p["file"], p["unsure"], p["unsure_reason"]) for p in resp.json()["predictions"]]
+    assert got == [("glyph.png", False, None), ("blank.png", True, "no_ink"), ("dot.png", True, "too_small")]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["ImagePrediction"]
+    assert "unsure_reason" in schema["required"]
+    reason = schema["properties"]["unsure_reason"]
+    assert {v for option in reason["anyOf"] for v in option.get("enum", [])} == {
+        "low_confidence",
+        "no_ink",
+        "too_small",
+    }
+    assert "no_ink" in reason["description"] and "too_small" in reason["description"]
 
 
 def test_formats_outside_the_served_list_are_refused(client: TestClient, sample_test_images):

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import broken_model_copy
+from helpers import REPO, broken_model_copy, encode
 from PIL import Image
 
 from oracle_mnist.cli import build_parser, display_name, main
@@ -50,8 +52,8 @@ def test_json_lists_every_image_with_its_top_k(capsys, model_file: Path, image_f
     expected = Predictor.from_file(model_file).predict([Image.open(p) for p in image_files], top_k=3)
     assert [row["file"] for row in rows] == [str(p) for p in image_files]
     for row, pred in zip(rows, expected, strict=True):
-        assert set(row) == {"file", "index", "name", "probability", "unsure", "top_k"}
-        assert row["unsure"] is False  # no --min-confidence: nothing is flagged
+        assert set(row) == {"file", "index", "name", "probability", "unsure", "unsure_reason", "top_k"}
+        assert (row["unsure"], row["unsure_reason"]) == (False, None)  # real glyphs, no --min-confidence
         assert (row["index"], row["name"]) == (pred.index, pred.name)
         assert row["probability"] == pytest.approx(pred.probability)
         assert [t["index"] for t in row["top_k"]] == [i for i, _, _ in pred.top_k]
@@ -132,16 +134,74 @@ def test_too_many_pixels_is_refused(capsys, tmp_path: Path, model_file: Path):
     assert f"{big}: 300x300 = 90000 pixels is over the limit of 50000" in err
 
 
-def test_missing_model_and_bad_top_k_are_errors(capsys, tmp_path: Path, model_file: Path, image_files):
+def test_missing_model_and_bad_top_k_are_errors(
+    capsys, monkeypatch, tmp_path: Path, model_file: Path, image_files
+):
+    monkeypatch.chdir(REPO)  # in a clone: dvc makes the model
     code, _, err = run_main(capsys, "predict", str(image_files[0]), "--model", str(tmp_path / "none.pt"))
     assert (code, err.strip()) == (
         1,
         f"error: {tmp_path / 'none.pt'}: model file not found (run `dvc repro train` or `dvc pull`)",
     )
-    code, _, err = run_main(
-        capsys, "predict", str(image_files[0]), "--model", str(model_file), "--top-k", "11"
+    for value in ("11", "20", "0"):
+        code, _, err = run_main(
+            capsys, "predict", str(image_files[0]), "--model", str(model_file), "--top-k", value
+        )
+        assert (code, err.strip()) == (1, f"error: --top-k: must be between 1 and 10, got {value}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_outside_a_clone_a_missing_model_asks_for_model_not_dvc(
+    capsys, monkeypatch, tmp_path: Path, image_files, backend
+):
+    monkeypatch.chdir(tmp_path)  # no dvc.yaml here: `dvc repro` would fail
+    code, out, err = run_main(capsys, "predict", str(image_files[0]), "--backend", backend)
+    default = "models/model.pt" if backend == "torch" else "models/model.onnx"
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {default}: model file not found (pass --model PATH: ")
+    assert "dvc repro" not in err.split("from a clone")[0]
+    code, _, err = run_main(capsys, "predict", str(image_files[0]), "--model", "elsewhere/m.pt")
+    assert (code, err.strip()) == (
+        1,
+        "error: elsewhere/m.pt: model file not found (check the path given to --model)",
     )
-    assert (code, err.strip()) == (1, "error: top_k: must be between 1 and 10, got 11")
+
+
+def test_version_is_the_installed_packages(capsys):
+    code, out, _ = run_main(capsys, "--version")
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert (code, out) == (0, f"oracle-mnist {importlib.metadata.version('oracle-mnist')}\n")
+    assert importlib.metadata.version("oracle-mnist") == pyproject["project"]["version"]
+
+
+def test_a_model_whose_temperature_overflows_is_refused_not_served_as_nan(
+    capsys, tmp_path: Path, model_file: Path, image_files
+):
+    broken = broken_model_copy(model_file, tmp_path / "cold.pt", temperature=5e-324)
+    code, out, err = run_main(capsys, "predict", str(image_files[0]), "--model", str(broken), "--json")
+    assert (code, out) == (1, "")
+    assert err.startswith(f"error: {broken}: model metadata: temperature: expected a number from 0.05 to 20")
+
+
+def test_blank_and_tiny_images_are_flagged_unsure(capsys, tmp_path: Path, model_file: Path, image_files):
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(Image.new("L", (120, 80), 255)))
+    dot = tmp_path / "dot.png"
+    dot.write_bytes(encode(Image.new("L", (1, 1), 0)))
+    files = [str(image_files[0]), str(blank), str(dot)]
+    code, out, _ = run_main(capsys, "predict", *files, "--model", str(model_file), "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [(r["unsure"], r["unsure_reason"]) for r in rows] == [
+        (False, None),
+        (True, "no_ink"),
+        (True, "too_small"),
+    ]
+    code, out, _ = run_main(capsys, "predict", *files, "--model", str(model_file))
+    lines = out.splitlines()
+    assert not lines[0].endswith("unsure")
+    assert lines[1].startswith(f"{blank}: ") and lines[1].endswith(" unsure (no ink: blank or uniform image)")
+    assert lines[2].startswith(f"{dot}: ") and lines[2].endswith(" unsure (too small to hold a character)")
 
 
 def test_usage_errors_exit_2(capsys):
@@ -179,7 +239,7 @@ def test_help_lists_every_subcommand(capsys):
         build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: oracle-mnist [-h] COMMAND")
+    assert out.startswith("usage: oracle-mnist [-h] [--version] COMMAND")
     assert "predict" in out and "report" in out
 
 

@@ -15,7 +15,7 @@ from helpers import broken_model_copy, encode, enlarge, png_header_only, tint
 from PIL import Image
 
 from oracle_mnist.errors import OracleMnistError
-from oracle_mnist.images import convert_batch, to_gray
+from oracle_mnist.images import convert, convert_batch, to_gray
 from oracle_mnist.inference import (
     ONNX_META_KEY,
     BadImageError,
@@ -25,6 +25,7 @@ from oracle_mnist.inference import (
     open_image,
     read_image_file,
     softmax,
+    unsure_reason,
 )
 from oracle_mnist.models import ModelMeta
 
@@ -144,6 +145,48 @@ def test_predictions_rank_classes_by_probability():
         "name": "next",
         "probability": pytest.approx(expected[4]),
     }
+
+
+def test_images_that_cannot_hold_a_character_are_unsure_whatever_the_model_says(
+    model_file: Path, sample_test_images
+):
+    glyphs = [Image.fromarray(g) for g in sample_test_images[0][:3]]
+    scan = Image.fromarray(tint(enlarge(sample_test_images[0][3], 4)))
+    hollow = {
+        "white": Image.new("L", (100, 100), 255),
+        "black": Image.new("L", (100, 100), 0),
+        "tan paper": Image.new("RGB", (300, 200), (200, 180, 150)),
+        "faint noise": Image.effect_noise((100, 100), 5),
+    }
+    tiny = {
+        "1x1": Image.new("L", (1, 1), 0),
+        "4x4 cross": Image.fromarray((np.eye(4) * 255).astype(np.uint8)),
+        "a glyph in 7 px": glyphs[0].resize((7, 7)),
+        "a strip": Image.new("L", (300, 5), 255),
+    }
+    images = [*glyphs, scan, *hollow.values(), *tiny.values()]
+    predictions = Predictor.from_file(model_file).predict(images, top_k=2)
+    reasons = [p.unsure_reason for p in predictions]
+    assert reasons == [None] * 4 + ["no_ink"] * len(hollow) + ["too_small"] * len(tiny)
+    for pred in predictions:
+        assert pred.unsure == (pred.unsure_reason is not None)
+        assert pred.to_dict()["unsure_reason"] == pred.unsure_reason
+    # A glyph at the smallest side that is not flagged.
+    assert unsure_reason(convert(glyphs[0].resize((8, 8)), 28), (8, 8)) is None
+
+
+def test_the_sample_glyphs_are_never_flagged_as_holding_no_ink(sample_test_images):
+    features = convert_batch(sample_test_images[0], 28)
+    assert [i for i, f in enumerate(features) if unsure_reason(f, (28, 28))] == []
+
+
+def test_a_low_confidence_is_the_reason_only_when_the_image_holds_a_character(
+    model_file: Path, sample_test_images
+):
+    predictor = Predictor.from_file(model_file)
+    images = [Image.fromarray(sample_test_images[0][0]), Image.new("L", (50, 50), 255)]
+    predictions = predictor.predict(images, min_confidence=0.99)
+    assert [p.unsure_reason for p in predictions] == ["low_confidence", "no_ink"]
 
 
 @pytest.mark.parametrize("top_k", [0, 11])
@@ -325,6 +368,16 @@ def test_non_finite_outputs_are_never_probabilities():
     predictor = fixed_predictor(np.array([np.nan] + [0.0] * 9, dtype=np.float32))
     with pytest.raises(ModelOutputError, match=r"^fixed: the model's outputs are not finite"):
         predictor.predict_features(np.zeros((1, 28, 28), dtype=np.uint8))
+
+
+def test_a_temperature_that_slipped_past_the_load_checks_never_becomes_a_nan_probability():
+    predictor = fixed_predictor(np.array([1.0] + [0.0] * 9, dtype=np.float32))
+    # As if the metadata had not been checked (ModelMeta refuses such a temperature when it is made).
+    object.__setattr__(predictor.meta, "temperature", 5e-324)
+    with pytest.raises(ModelOutputError, match=r"^fixed: the model's probabilities are not finite"):
+        predictor.predict_features(np.zeros((1, 28, 28), dtype=np.uint8))
+    with pytest.raises(ModelOutputError):
+        predictor.check_outputs()
 
 
 def test_a_broken_torch_model_is_refused_at_load(tmp_path: Path, model_file: Path):

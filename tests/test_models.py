@@ -131,12 +131,18 @@ def test_saving_the_same_model_twice_gives_identical_files(tmp_path):
         ({"class_names": ("a", "a")}, "class_names: names repeat"),
         ({"model_name": ""}, "model_name: expected a model name"),
         ({"epoch": -1}, "epoch: expected a non-negative integer"),
-        ({"temperature": 0.0}, "temperature: expected a finite number above 0, got 0.0"),
-        ({"temperature": -2.0}, "temperature: expected a finite number above 0"),
-        ({"temperature": float("nan")}, "temperature: expected a finite number above 0, got nan"),
-        ({"temperature": float("inf")}, "temperature: expected a finite number above 0, got inf"),
-        ({"temperature": True}, "temperature: expected a finite number above 0, got True"),
-        ({"temperature": "2"}, "temperature: expected a finite number above 0, got '2'"),
+        ({"temperature": 0.0}, r"temperature: expected a number from 0.05 to 20 .*, got 0.0"),
+        ({"temperature": -2.0}, "temperature: expected a number from 0.05 to 20"),
+        ({"temperature": float("nan")}, "temperature: expected a number from 0.05 to 20 .*, got nan"),
+        ({"temperature": float("inf")}, "temperature: expected a number from 0.05 to 20 .*, got inf"),
+        ({"temperature": True}, "temperature: expected a number from 0.05 to 20 .*, got True"),
+        ({"temperature": "2"}, "temperature: expected a number from 0.05 to 20 .*, got '2'"),
+        # Positive and finite, but logits / T overflow to infinity: every probability would be NaN.
+        (
+            {"temperature": 5e-324},
+            r"temperature: expected a number from 0.05 to 20 \(the range training fits it in\), got 5e-324",
+        ),
+        ({"temperature": 1e300}, "temperature: expected a number from 0.05 to 20 .*, got 1e[+]300"),
         ({"precision": "fp8"}, "precision: expected one of float32, bfloat16, float16, got 'fp8'"),
         ({"recipe": {"network": ["patch_size"]}}, r"recipe.network: expected names of timm arguments"),
         ({"recipe": {"network": {"dims": [8, 16]}}}, r"recipe.network: .*got \{'dims': \[8, 16\]\}"),
@@ -166,7 +172,12 @@ def test_model_meta_from_dict_names_the_source():
         (None, {"std": float("nan")}, r"model metadata: std: expected a finite number, got nan"),
         (None, {"mean": float("-inf")}, r"model metadata: mean: expected a finite number"),
         (None, {"std": 0.0}, r"model metadata: std: must be positive, got 0.0"),
-        (None, {"temperature": -1.0}, r"model metadata: temperature: expected a finite number above 0"),
+        (None, {"temperature": -1.0}, r"model metadata: temperature: expected a number from 0.05 to 20"),
+        (
+            None,
+            {"temperature": 5e-324},
+            r"model metadata: temperature: expected a number from 0.05 to 20 .*5e-324",
+        ),
     ],
 )
 def test_load_model_refuses_a_broken_model(tmp_path, model_file, weight, meta, message):

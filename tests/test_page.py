@@ -8,8 +8,10 @@ import base64
 import io
 import json
 import re
+import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,12 @@ from fastapi.testclient import TestClient
 from helpers import CHROMIUM_FLAGS, encode, serve_in_subprocess
 from PIL import Image
 
-from oracle_mnist.api import Settings, create_app
+from oracle_mnist.api import STATIC_DIR, Settings, create_app
 from oracle_mnist.config import CLASS_CHARACTERS
 from oracle_mnist.images import convert
 
+# The page's own font for the class characters (a machine without a CJK font draws boxes instead).
+FONT_FAMILY = "Oracle MNIST Glyphs"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 # Small enough that a test can exceed them with a handful of files.
@@ -86,6 +90,55 @@ def test_model_lists_each_class_character(client: TestClient):
     info = client.get("/model").json()
     assert info["characters"] == [CLASS_CHARACTERS[name] for name in info["class_names"]]
     assert "".join(info["characters"]) == "大日月牛翌田勿矢巳木"
+
+
+def woff_characters(data: bytes) -> set[str]:
+    """The characters a WOFF 1.0 font maps to a glyph (its Windows Unicode cmap, format 4), read with zlib and
+    struct alone: no font library is in the lock."""
+    assert data[:4] == b"wOFF", data[:4]
+    tables = {}
+    for i in range(struct.unpack(">H", data[12:14])[0]):
+        tag, offset, packed, size, _ = struct.unpack(">4sIIII", data[44 + 20 * i : 64 + 20 * i])
+        raw = data[offset : offset + packed]
+        tables[tag] = zlib.decompress(raw) if packed < size else raw
+    cmap = tables[b"cmap"]
+
+    def u16s(at: int, n: int) -> tuple[int, ...]:
+        return struct.unpack(f">{n}H", cmap[at : at + 2 * n])
+
+    chars = set()
+    for i in range(u16s(2, 1)[0]):
+        platform, encoding = u16s(4 + 8 * i, 2)
+        (at,) = struct.unpack(">I", cmap[8 + 8 * i : 12 + 8 * i])
+        if (platform, encoding) != (3, 1) or u16s(at, 1)[0] != 4:
+            continue
+        segments = u16s(at + 6, 1)[0] // 2
+        ends = u16s(at + 14, segments)
+        starts = u16s(at + 16 + 2 * segments, segments)
+        deltas = u16s(at + 16 + 4 * segments, segments)
+        ranges_at = at + 16 + 6 * segments
+        ranges = u16s(ranges_at, segments)
+        for s, (first, last, delta, rng) in enumerate(zip(starts, ends, deltas, ranges, strict=True)):
+            for code in range(first, last + 1):
+                glyph = code if rng == 0 else u16s(ranges_at + 2 * s + rng + 2 * (code - first), 1)[0]
+                if glyph and (glyph + delta) & 0xFFFF:
+                    chars.add(chr(code))
+    return chars
+
+
+def test_the_page_ships_a_font_with_exactly_the_class_characters(client: TestClient):
+    font = client.get("/static/glyphs.woff")
+    assert font.status_code == 200
+    assert woff_characters(font.content) == set(CLASS_CHARACTERS.values())
+    assert len(font.content) < 8_000  # a subset: the full font is 20 MB
+    assert "SIL OPEN FONT LICENSE Version 1.1" in (STATIC_DIR / "OFL.txt").read_text(encoding="utf-8")
+    css = client.get("/static/page.css").text
+    face = re.search(r"@font-face\s*{([^}]*)}", css)
+    assert face and f'font-family: "{FONT_FAMILY}"' in face[1] and 'url("glyphs.woff")' in face[1]
+    # The range the browser fetches the font for: every class character, no more.
+    codes = {chr(int(code, 16)) for code in re.findall(r"U\+([0-9A-F]+)", face[1])}
+    assert codes == set(CLASS_CHARACTERS.values())
+    assert css.count(f'font-family: "{FONT_FAMILY}", ') == 2  # the page's text and the .char spans
 
 
 def data_url_pixels(url: str) -> np.ndarray:
@@ -270,7 +323,8 @@ def test_page_shows_each_error_beside_its_file(browser, server: str, glyph_files
 @pytest.mark.slow
 def test_page_flags_an_unsure_answer_when_the_api_says_so(browser, server: str, glyph_files: list[Path]):
     open_page(browser, server)
-    # Today's API has no "unsure" field: the page must show none; a response that carries it gets the flag.
+    # A real glyph without a minimum confidence is not unsure: the page shows no flag; a response that
+    # carries one gets it.
     browser.find_element("id", "files").send_keys(str(glyph_files[0]))
     [plain] = cards(browser, 1)
     assert plain["state"] == "done" and not plain["unsure"]
@@ -288,6 +342,42 @@ def test_page_flags_an_unsure_answer_when_the_api_says_so(browser, server: str, 
     browser.find_element("id", "files").send_keys(str(glyph_files[0]))
     [flagged] = cards(browser, 1)
     assert flagged["unsure"] and "Unsure" in flagged["text"] and "null" not in flagged["text"]
+
+
+@pytest.mark.slow
+def test_page_draws_the_class_characters_with_its_own_font(browser, server: str):
+    open_page(browser, server)  # the model's description lists every class with its character
+    wait(browser, lambda d: d.execute_script("return document.fonts.status === 'loaded'"))
+    faces = browser.execute_script(
+        "return Array.from(document.fonts).map(f => [f.family.replace(/\"/g, ''), f.status])"
+    )
+    assert faces == [[FONT_FAMILY, "loaded"]]
+    # What Chromium drew the text with, by font: each class character once, all from the shipped font
+    # (a character missing from it would be drawn from another font, or as a box), whatever this machine
+    # has installed.
+    browser.execute_cdp_cmd("DOM.enable", {})
+    browser.execute_cdp_cmd("CSS.enable", {})
+    root = browser.execute_cdp_cmd("DOM.getDocument", {})["root"]["nodeId"]
+    node = browser.execute_cdp_cmd("DOM.querySelector", {"nodeId": root, "selector": "#model"})["nodeId"]
+    fonts = browser.execute_cdp_cmd("CSS.getPlatformFontsForNode", {"nodeId": node})["fonts"]
+    text = browser.find_element("id", "model").text
+    assert all(char in text for char in CLASS_CHARACTERS.values())
+    ours = [f for f in fonts if f["familyName"] == FONT_FAMILY]
+    assert ours and ours[0]["isCustomFont"], fonts
+    assert ours[0]["glyphCount"] == len(CLASS_CHARACTERS), fonts
+
+
+@pytest.mark.slow
+def test_page_says_why_a_blank_or_tiny_image_is_unsure(browser, server: str, tmp_path: Path):
+    blank = tmp_path / "blank.png"
+    blank.write_bytes(encode(Image.new("L", (100, 100), 255)))
+    dot = tmp_path / "dot.png"
+    dot.write_bytes(encode(Image.new("L", (1, 1), 0)))
+    open_page(browser, server)
+    browser.find_element("id", "files").send_keys(f"{blank}\n{dot}")
+    shown = {c["file"]: c for c in cards(browser, 2)}
+    assert shown["blank.png"]["unsure"] and "holds no ink" in shown["blank.png"]["text"]
+    assert shown["dot.png"]["unsure"] and "too small to hold a character" in shown["dot.png"]["text"]
 
 
 @pytest.mark.slow

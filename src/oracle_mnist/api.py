@@ -54,11 +54,14 @@ from oracle_mnist.inference import (
     SERVED_FORMATS,
     ImageTooLargeError,
     ModelMeta,
+    ModelNotFoundError,
     ModelOutputError,
     Prediction,
     Predictor,
+    UnsureReason,
     characters_of,
     check_min_confidence,
+    in_a_clone,
     return_freed_memory,
 )
 
@@ -133,8 +136,13 @@ class ClassScore(BaseModel):
 class ImagePrediction(ClassScore):
     file: str
     unsure: bool = Field(
-        description="the probability is below the minimum confidence (?min_confidence=, else the server's "
-        "ORACLE_MNIST_MIN_CONFIDENCE); always false when that minimum is 0, the default"
+        description="treat this answer with care: `unsure_reason` says why (null exactly when this is false)"
+    )
+    unsure_reason: UnsureReason | None = Field(
+        description="too_small: the image is under 8 pixels wide or high, too small to hold a character; "
+        "no_ink: after the conversion it holds no ink (blank, uniform or faint noise), whatever class it got; "
+        "low_confidence: the probability is below the minimum confidence (?min_confidence=, else the "
+        "server's ORACLE_MNIST_MIN_CONFIDENCE; 0, the default, flags none)"
     )
     top_k: list[ClassScore]
     input: str | None = Field(
@@ -279,12 +287,14 @@ def _classify(
     min_confidence: float,
 ) -> tuple[list[Prediction], np.ndarray]:
     """Predictions and the uint8 (N, S, S) features they were made from."""
-    features = []
+    features, sizes = [], []
     for name, data in uploads:
         limits = (settings.max_pixels, settings.max_file_bytes, SERVED_FORMATS)
-        features.append(predictor.features_from(data, name, *limits))
+        converted, size = predictor.features_from(data, name, *limits)
+        features.append(converted)
+        sizes.append(size)
     stacked = np.stack(features)
-    return predictor.predict_features(stacked, top_k, min_confidence), stacked
+    return predictor.predict_features(stacked, top_k, min_confidence, sizes), stacked
 
 
 def png_data_url(features: np.ndarray) -> str:
@@ -309,6 +319,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (411, "no Content-Length"),
         (413, "too many files, a file too large, or an image with too many pixels"),
         (422, "empty upload, not an image, truncated or corrupt image, or a bad field"),
+        (500, "the model failed on this request (the server's log says how)"),
     )
 }
 
@@ -327,7 +338,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _add_error_handlers(app)
     _add_info_routes(app)
     _add_predict_route(app)
+    _state_file_count_bounds(app, settings)
     return app
+
+
+def _state_file_count_bounds(app: FastAPI, settings: Settings | None) -> None:
+    """The schema of `files` states the bounds the server enforces: at least one (a required field) and at most
+    Settings.max_files (413 above it; a 422 from validation would not say which limit). The schema is made
+    after start-up, so it reads the settings the server runs with."""
+    plain_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = plain_openapi()  # cached by FastAPI; the bounds are set on it again each time, idempotently
+        current = getattr(app.state, "settings", None) or settings or Settings.from_env()
+        body = schema["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        if "$ref" in body:
+            body = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+        body["properties"]["files"].update(minItems=1, maxItems=current.max_files)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _lifespan(settings: Settings | None) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
@@ -352,7 +382,15 @@ def _lifespan(settings: Settings | None) -> Callable[[FastAPI], contextlib.Abstr
 def _load_predictor(settings: Settings) -> Predictor:
     """The model, refused at start-up when the server's defaults do not fit it."""
     return_freed_memory()
-    predictor = Predictor.from_file(settings.model_path, settings.backend, settings.threads)
+    try:
+        predictor = Predictor.from_file(settings.model_path, settings.backend, settings.threads)
+    except ModelNotFoundError as exc:
+        if in_a_clone():
+            raise  # its advice, `dvc repro` or `dvc pull`, works here
+        raise OracleMnistError(
+            f"{exc.path}: model file not found (set {ENV}MODEL to a saved model: a model.pt, or a model.onnx "
+            f"with {ENV}BACKEND=onnx)"
+        ) from None
     predictor.check_top_k(settings.top_k)
     check_min_confidence(settings.min_confidence)
     return predictor
@@ -469,7 +507,9 @@ async def _classify_or_refuse(
     except ImageTooLargeError as exc:
         raise ApiError(413, str(exc)) from None
     except ModelOutputError as exc:
-        raise ApiError(500, str(exc)) from None
+        # The message names the model's path on the server: the log gets it, the client a plain account.
+        logger.error("POST /predict: %s", exc)
+        raise ApiError(500, "the model failed on this request: its outputs were not finite") from None
     except OracleMnistError as exc:
         raise ApiError(422, str(exc)) from None
 

@@ -7,6 +7,7 @@ report   compare the results of two revisions as markdown with PNG plots (report
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 from collections.abc import Sequence
@@ -21,9 +22,11 @@ from oracle_mnist.inference import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MODEL_PATHS,
+    ModelNotFoundError,
     Prediction,
     Predictor,
     check_min_confidence,
+    in_a_clone,
     read_image_file,
 )
 
@@ -131,14 +134,27 @@ def build_parser() -> argparse.ArgumentParser:
         prog="oracle-mnist",
         description="Oracle-MNIST: classify oracle-bone character images, compare pipeline results.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(commands)
     _add_report(commands)
     return parser
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml's, through the package metadata)."""
+    try:
+        return importlib.metadata.version("oracle-mnist")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
+# What the text output adds after "unsure" when the image itself, not the model's confidence, is the doubt.
+_REASONS = {"no_ink": " (no ink: blank or uniform image)", "too_small": " (too small to hold a character)"}
+
+
 def format_text(path: Path | str, pred: Prediction) -> str:
-    unsure = " unsure" if pred.unsure else ""
+    unsure = f" unsure{_REASONS.get(pred.unsure_reason or '', '')}" if pred.unsure else ""
     lines = [f"{display_name(path)}: {pred.name} ({pred.index}) {pred.probability:.4f}{unsure}"]
     if len(pred.top_k) > 1:
         lines += [
@@ -156,26 +172,39 @@ def predict_files(
     min_confidence: float = 0.0,
 ) -> list[Prediction]:
     """Convert every file first (one image in memory at a time), then classify them in batches."""
-    predictor.check_top_k(top_k)
+    predictor.check_top_k(top_k, "--top-k")
     check_min_confidence(min_confidence, "--min-confidence")
-    features, problems = [], []
+    features, sizes, problems = [], [], []
     for path in tqdm(paths, desc="reading", unit="img", disable=len(paths) < 100, file=sys.stderr):
         name = display_name(path)
         try:
-            features.append(predictor.features_of(read_image_file(path, max_pixels, max_bytes, name), name))
+            img = read_image_file(path, max_pixels, max_bytes, name)
+            features.append(predictor.features_of(img, name))
+            sizes.append(img.size)
         except OracleMnistError as exc:
             problems.append(str(exc))
     if problems:
         raise OracleMnistError(
             f"{len(problems)} of {len(paths)} file(s) not classified:\n  " + "\n  ".join(problems)
         )
-    return predictor.predict_features(np.stack(features), top_k, min_confidence)
+    return predictor.predict_features(np.stack(features), top_k, min_confidence, sizes)
 
 
 def run_predict(args: argparse.Namespace) -> int:
     # Checked before the model loads: a mistyped option should not wait for it.
     check_min_confidence(args.min_confidence, "--min-confidence")
-    predictor = Predictor.from_file(args.model, args.backend)
+    try:
+        predictor = Predictor.from_file(args.model, args.backend)
+    except ModelNotFoundError as exc:
+        if in_a_clone():
+            raise  # its advice, `dvc repro` or `dvc pull`, works here
+        hint = (
+            "check the path given to --model"
+            if args.model is not None
+            else "pass --model PATH: a model.pt, or a model.onnx with --backend onnx, from a clone of the "
+            "project after `dvc repro` or `dvc pull`"
+        )
+        raise OracleMnistError(f"{exc.path}: model file not found ({hint})") from None
     predictions = predict_files(
         predictor, args.images, args.top_k, args.max_pixels, args.max_file_bytes, args.min_confidence
     )

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from oracle_mnist.images import ImageTooLargeError as ImageTooLargeError
 from oracle_mnist.images import convert, load_image, probe_image, to_tensor
 from oracle_mnist.images import open_image as open_image
 from oracle_mnist.metrics import softmax
-from oracle_mnist.models import ModelMeta, load_model
+from oracle_mnist.models import ModelMeta, ModelNotFoundError, load_model
 
 BACKENDS = ("torch", "onnx")
 DEFAULT_MODEL_PATHS = {"torch": Path("models/model.pt"), "onnx": Path("models/model.onnx")}
@@ -52,6 +52,37 @@ BATCH_SIZE = 256
 LIGHT_PIXELS = 1_000_000
 # Light-lane slots per heavy-lane slot (the heavy lane has one per concurrent forward pass).
 LIGHT_SLOTS_PER_SLOT = 4
+
+
+# Why an answer is flagged unsure (Prediction.unsure_reason): its probability is below the caller's minimum,
+# or the image cannot hold a character at all, whatever the model says (a blank image gets a confident class).
+UnsureReason = Literal["low_confidence", "no_ink", "too_small"]
+# Narrower or shorter than this, an image holds no character: the dataset's glyphs are 28 px a side with
+# strokes a few pixels wide, and below 8 px (2/7 of that) a stroke is less than a pixel. A choice, not a
+# measurement: the conversion blows any image up to the model's size, so the model cannot tell by itself.
+MIN_GLYPH_SIDE = 8
+# The converted image (ground 0, the brightest ink stretched to 255) has ink where a pixel reaches half that;
+# with under this share of such pixels it holds none: blank, uniform or faintly noisy images have 0, the
+# sample's 2,400 real glyphs 1.9% or more at 28 px (2.5% at 64 and 96 px), and the scan-like renditions
+# (tests/helpers.py) of 100 of them 4.8% or more.
+INK_LEVEL = 128
+MIN_INK_SHARE = 0.005
+
+
+def unsure_reason(features: np.ndarray, size: tuple[int, int] | None = None) -> UnsureReason | None:
+    """Why the image that converted to the uint8 (S, S) `features` cannot hold a character, else None: it was
+    too small (`size`, its (width, height) before the conversion, when known), or has no ink at all."""
+    if size is not None and min(size) < MIN_GLYPH_SIDE:
+        return "too_small"
+    if np.count_nonzero(features >= INK_LEVEL) < MIN_INK_SHARE * features.size:
+        return "no_ink"
+    return None
+
+
+def in_a_clone() -> bool:
+    """Whether the working directory is the root of a clone of this project (its dvc.yaml is here): only there
+    do the default model paths exist after `dvc repro` or `dvc pull`, so only there is that the advice."""
+    return Path("dvc.yaml").is_file()
 
 
 # glibc's mallopt parameter number for the size above which malloc uses mmap (<malloc.h>).
@@ -78,14 +109,19 @@ class ModelOutputError(OracleMnistError):
 @dataclass(frozen=True)
 class Prediction:
     """The most likely class of one image and the `k` most likely ones, best first (calibrated
-    probabilities). `unsure`: the best probability is below the caller's minimum confidence (never with
-    the default minimum of 0)."""
+    probabilities). `unsure`: the image cannot hold a character (`unsure_reason` "too_small" or "no_ink") or
+    the best probability is below the caller's minimum confidence ("low_confidence"; never with the default
+    minimum of 0)."""
 
     index: int
     name: str
     probability: float
     top_k: tuple[tuple[int, str, float], ...]
-    unsure: bool = False
+    unsure_reason: UnsureReason | None = None
+
+    @property
+    def unsure(self) -> bool:
+        return self.unsure_reason is not None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +129,7 @@ class Prediction:
             "name": self.name,
             "probability": self.probability,
             "unsure": self.unsure,
+            "unsure_reason": self.unsure_reason,
             "top_k": [{"index": i, "name": n, "probability": p} for i, n, p in self.top_k],
         }
 
@@ -176,7 +213,9 @@ def _load_onnx(path: Path, threads: int | None) -> tuple[Callable[[torch.Tensor]
     import onnxruntime as ort  # only the onnx backend needs it
 
     if not path.is_file():
-        raise OracleMnistError(f"{path}: ONNX model file not found (run `dvc repro export` or `dvc pull`)")
+        raise ModelNotFoundError(
+            path, f"{path}: ONNX model file not found (run `dvc repro export` or `dvc pull`)"
+        )
     try:
         options = ort.SessionOptions()
         if threads is not None:
@@ -251,9 +290,10 @@ class Predictor:
     def class_names(self) -> tuple[str, ...]:
         return self.meta.class_names
 
-    def check_top_k(self, top_k: int) -> int:
+    def check_top_k(self, top_k: int, name: str = "top_k") -> int:
+        """`top_k` within the model's classes; an error names it `name` (the caller's option or field)."""
         if not 1 <= top_k <= len(self.class_names):
-            raise OracleMnistError(f"top_k: must be between 1 and {len(self.class_names)}, got {top_k}")
+            raise OracleMnistError(f"{name}: must be between 1 and {len(self.class_names)}, got {top_k}")
         return top_k
 
     def preprocess(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -279,12 +319,13 @@ class Predictor:
         max_pixels: int,
         max_bytes: int | None = None,
         formats: Sequence[str] | None = None,
-    ) -> np.ndarray:
-        """One untrusted image's uint8 (S, S) features, decoded and converted in its lane (LIGHT_PIXELS)."""
+    ) -> tuple[np.ndarray, tuple[int, int]]:
+        """One untrusted image's uint8 (S, S) features, decoded and converted in its lane (LIGHT_PIXELS), and
+        its (width, height)."""
         img = probe_image(data, name, max_pixels, max_bytes, formats)
         lane = self._light_lane if img.width * img.height <= LIGHT_PIXELS else self._heavy_lane
         with lane:
-            return self.features_of(load_image(img, name), name)
+            return self.features_of(load_image(img, name), name), img.size
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         """float32 (N, C) logits for uint8 (N, S, S) feature arrays; a ModelOutputError if any is not finite."""
@@ -303,35 +344,52 @@ class Predictor:
         return logits
 
     def check_outputs(self) -> None:
-        """Refuse a model whose logits are not finite on a black, a white and a grey image: finite weights
-        and metadata can still overflow, and a NaN must never reach anyone as a probability."""
+        """Refuse a model whose logits or probabilities are not finite on a black, a white and a grey image:
+        finite weights and metadata can still overflow, and a NaN must never reach anyone as a probability."""
         size = self.meta.image_size
         probe = np.stack([np.full((size, size), level, dtype=np.uint8) for level in (0, 128, 255)])
-        self.logits(probe)
+        self.probabilities(self.logits(probe))
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """The one place logits become the probabilities anyone is shown: calibrated by the model's
-        temperature (a scalar: the most likely class is the same as without it)."""
-        return softmax(logits, self.meta.temperature)
+        temperature (a scalar: the most likely class is the same as without it). A ModelOutputError if any
+        is not finite: the temperature is checked at load, and this is the last guard before a client."""
+        with np.errstate(over="ignore", invalid="ignore"):  # refused just below, not warned about
+            probs = softmax(logits, self.meta.temperature)
+        if not np.isfinite(probs).all():
+            raise ModelOutputError(
+                f"{self.path}: the model's probabilities are not finite (temperature "
+                f"{self.meta.temperature!r}); the model is broken"
+            )
+        return probs
 
     def predict_features(
-        self, features: np.ndarray, top_k: int = 1, min_confidence: float = 0.0
+        self,
+        features: np.ndarray,
+        top_k: int = 1,
+        min_confidence: float = 0.0,
+        sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[Prediction]:
+        """Predictions for uint8 (N, S, S) features; `sizes`: each image's (width, height) before conversion,
+        so that one too small to hold a character is flagged (None: only the features are inspected)."""
         k = self.check_top_k(top_k)
         minimum = check_min_confidence(min_confidence)
         probs = self.probabilities(self.logits(features))
         names = self.class_names
         out = []
-        for row in probs:
+        for i, row in enumerate(probs):
             best = np.argsort(-row, kind="stable")[:k]
-            ranked = tuple((int(i), names[i], float(row[i])) for i in best)
+            ranked = tuple((int(j), names[j], float(row[j])) for j in best)
+            reason = unsure_reason(features[i], sizes[i] if sizes is not None else None)
+            if reason is None and ranked[0][2] < minimum:
+                reason = "low_confidence"
             out.append(
                 Prediction(
                     index=ranked[0][0],
                     name=ranked[0][1],
                     probability=ranked[0][2],
                     top_k=ranked,
-                    unsure=ranked[0][2] < minimum,
+                    unsure_reason=reason,
                 )
             )
         return out
@@ -341,4 +399,5 @@ class Predictor:
     ) -> list[Prediction]:
         self.check_top_k(top_k)
         check_min_confidence(min_confidence)
-        return self.predict_features(self.preprocess(images), top_k, min_confidence)
+        sizes = [img.size for img in images]
+        return self.predict_features(self.preprocess(images), top_k, min_confidence, sizes)

@@ -28,6 +28,18 @@ _MAX_PROBE_SIZE = 256
 # names torch's dtypes.
 PRECISIONS = ("float32", "bfloat16", "float16")
 
+# The calibration temperatures a model may carry: the range metrics.fit_temperature searches. A temperature
+# far below it (5e-324 passed `> 0`) makes logits / T overflow to infinity and every probability NaN.
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
+class ModelNotFoundError(OracleMnistError):
+    """No model file at `path`: the callers know what to advise (a dvc command in a clone, an option outside)."""
+
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
 
 @dataclass(frozen=True)
 class ModelMeta:
@@ -112,9 +124,12 @@ def _meta_problems(meta: ModelMeta) -> list[str]:
         problems.append(f"metrics: expected a mapping, got {type(meta.metrics).__name__}")
     if not _is_int(meta.epoch) or meta.epoch < 0:
         problems.append(f"epoch: expected a non-negative integer, got {meta.epoch!r}")
-    t = meta.temperature
-    if not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-        problems.append(f"temperature: expected a finite number above 0, got {t!r}")
+    t, (low, high) = meta.temperature, TEMPERATURE_RANGE
+    if not isinstance(t, numbers.Real) or isinstance(t, bool) or not (math.isfinite(t) and low <= t <= high):
+        problems.append(
+            f"temperature: expected a number from {low:g} to {high:g} (the range training fits it in), "
+            f"got {t!r}"
+        )
     return problems
 
 
@@ -365,7 +380,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn
     """Rebuild a saved model in eval mode on `device`, with its metadata."""
     path = Path(path)
     if not path.is_file():
-        raise OracleMnistError(f"{path}: model file not found (run `dvc repro train` or `dvc pull`)")
+        raise ModelNotFoundError(path, f"{path}: model file not found (run `dvc repro train` or `dvc pull`)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file

@@ -78,6 +78,13 @@
     return [headline, detail];
   }
 
+  // The API's unsure_reason: the image itself may be the doubt, not the model's confidence.
+  const UNSURE = {
+    low_confidence: "Unsure: the model's confidence is below its minimum, so treat this answer with care.",
+    no_ink: "Unsure: this image holds no ink (it is blank or uniform), so the class above means nothing.",
+    too_small: "Unsure: this image is too small to hold a character, so the class above means nothing.",
+  };
+
   function showPrediction(card, pred) {
     card.dataset.state = "done";
     card.dataset.index = String(pred.index);
@@ -95,7 +102,7 @@
       ),
     );
     const best = el("p", { className: "top" }, "Most likely: ", ...className(pred.index), ` (${percent(pred.probability)})`);
-    const unsure = pred.unsure ? el("p", { className: "unsure" }, "Unsure: the model's confidence is below its minimum, so treat this answer with care.") : null;
+    const unsure = pred.unsure ? el("p", { className: "unsure" }, UNSURE[pred.unsure_reason] || UNSURE.low_confidence) : null;
     const topk = el("ol", { className: "topk", "aria-label": "Most likely classes" }, ...rows);
     card.querySelector(".outcome").replaceChildren(...[best, unsure, topk].filter(Boolean));
   }
