@@ -16,19 +16,37 @@ within 2x of the bare forward pass. Server and clients share this machine's core
 about 70 KB, 16 Mpx each, cheap to send and costly to convert), next to 2 clients sending single real glyphs.
 Prints the server's peak RSS (VmHWM), p50/p99 of the normal requests and the count of 5xx. Targets on 2 cores:
 peak RSS < 1.5 GB, no 5xx, normal p99 < 2 s.
+
+    python bench/api.py --hostile --attacks slow-heads huge-heads    # the attacks on request heads only
+
+`--hostile` also runs two attacks on request heads, each against plain `uvicorn oracle_mnist.api:app` and against
+the same command with `--http oracle_mnist.server:HttpToolsProtocol` (what `oracle-mnist serve` and the API image
+run), while a prober asks GET /health on a new connection every 50 ms (5 s timeout) as a health checker would:
+- slow-heads: 1,500 connections each send a request line, then one header line a second, for 20 s; once a
+  second, those the server closed are reopened. Both servers run under an open-file limit of 1,024 (a common default), so a
+  bench-sized flood shows what ~20k connections do under this machine's limit of 20,000.
+- huge-heads: requests with a 100 MB header, one after the other, for 20 s and at least three of them (each
+  bounded to 120 s).
+Prints /health p50/p99/max and failures, the server's open sockets, CPU seconds and peak RSS. Targets for the
+guarded server: every /health answered, p99 < 1 s under both attacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import io
 import os
+import resource
+import selectors
+import socket
 import statistics
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -40,7 +58,7 @@ from oracle_mnist.inference import Predictor, open_image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 # tests/helpers.py holds the server runner shared by tests and benches.
-from helpers import serve_in_subprocess
+from helpers import free_port, serve_command, serve_in_subprocess, uvicorn_command
 
 # Server limits for the run: small enough that the malformed "too large" upload stays cheap to send.
 LIMITS = {"ORACLE_MNIST_MAX_FILES": "8", "ORACLE_MNIST_MAX_FILE_BYTES": "131072"}
@@ -238,6 +256,211 @@ def bench_hostile(model: Path, images: np.ndarray, args: argparse.Namespace) -> 
     print(f"5xx/errors: {five_xx} (target 0)")
 
 
+# --- attacks on request heads ---------------------------------------------------------------------------------
+
+GUARDED_HTTP = ["--http", "oracle_mnist.server:HttpToolsProtocol"]
+SERVERS = {"plain uvicorn": [], "uvicorn --http oracle_mnist.server:HttpToolsProtocol": GUARDED_HTTP}
+
+
+@contextlib.contextmanager
+def head_attack_server(model: Path, http_args: list[str], nofile: int | None) -> Iterator[tuple[str, int]]:
+    """`uvicorn oracle_mnist.api:app` plus `http_args` on a free port, under an open-file limit of `nofile`
+    (prlimit execs the server, so its pid is this process's child); yields (base URL, server pid)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [*uvicorn_command(port), "--no-access-log", "--log-level", "warning", *http_args]
+    if nofile is not None:
+        cmd = ["prlimit", f"--nofile={nofile}:{nofile}", "--", *cmd]
+    with serve_command(cmd, f"{url}/health", {"ORACLE_MNIST_MODEL": str(model)}):
+        yield url, server_pid()
+
+
+class Prober:
+    """GET /health on a new connection every `interval` s (`timeout` s each) until stopped: a health checker."""
+
+    def __init__(self, url: str, interval: float = 0.05, timeout: float = 5.0) -> None:
+        self.host, self.port = url.removeprefix("http://").split(":")
+        self.interval, self.timeout = interval, timeout
+        self.latencies: list[float] = []
+        self.failures: Counter = Counter()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+
+    def _probe(self) -> None:
+        conn = http.client.HTTPConnection(self.host, int(self.port), timeout=self.timeout)
+        start = time.perf_counter()
+        try:
+            conn.request("GET", "/health")
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                self.failures[resp.status] += 1
+                return
+            self.latencies.append(time.perf_counter() - start)
+        except (OSError, http.client.HTTPException) as exc:
+            self.failures[type(exc).__name__] += 1
+        finally:
+            conn.close()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            start = time.perf_counter()
+            self._probe()
+            self.stop.wait(max(0.0, self.interval - (time.perf_counter() - start)))
+
+    def __enter__(self) -> Prober:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=self.timeout + 5)
+
+    def summary(self) -> str:
+        lat = self.latencies
+        total = len(lat) + sum(self.failures.values())
+        failed = ", ".join(f"{k}: {n}" for k, n in self.failures.items()) or "none"
+        return (
+            f"/health answered {len(lat)}/{total}, p50 {ms(percentile(lat, 50))} ms, "
+            f"p99 {ms(percentile(lat, 99))} ms, max {ms(max(lat, default=float('nan')))} ms; failed: {failed}"
+        )
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def open_sockets(pid: int) -> int:
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
+def slow_heads(url: str, pid: int, count: int, seconds: float) -> dict:
+    """`count` connections that send a request line and then one header line a second, for `seconds`; once a
+    second, those the server closed are reopened (at most `count` x `seconds` openings in all)."""
+    host, port = url.removeprefix("http://").split(":")
+    sel = selectors.DefaultSelector()
+    stats = {"opened": 0, "closed by server": 0, "connect failures": 0, "max server sockets": 0}
+
+    def top_up() -> None:
+        for _ in range(count - len(sel.get_map())):
+            stats["opened"] += 1
+            try:
+                sock = socket.create_connection((host, int(port)), timeout=2)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+            except OSError:
+                stats["connect failures"] += 1
+                continue
+            sock.setblocking(False)
+            sel.register(sock, selectors.EVENT_READ)
+
+    def drop(sock: socket.socket) -> None:
+        sel.unregister(sock)
+        sock.close()
+        stats["closed by server"] += 1
+
+    deadline = time.monotonic() + seconds
+    next_tick = time.monotonic()
+    while time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=0.1):  # readable: an answer (408) or the server's close
+            drop(key.fileobj)
+        if time.monotonic() >= next_tick:
+            next_tick += 1
+            for key in list(sel.get_map().values()):
+                try:
+                    key.fileobj.send(b"X-Slow: 1\r\n")
+                except OSError:
+                    drop(key.fileobj)
+            top_up()
+            stats["max server sockets"] = max(stats["max server sockets"], open_sockets(pid))
+    stats["server sockets at the end"] = open_sockets(pid)
+    stats["attacker connections open at the end"] = len(sel.get_map())
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+    sel.close()
+    return stats
+
+
+def huge_head(url: str, request: bytes) -> str:
+    """Send `request` (a huge head); the server's status line, or what went wrong."""
+    host, port = url.removeprefix("http://").split(":")
+    answer, error = b"", "closed without an answer"
+    with socket.create_connection((host, int(port)), timeout=120) as sock:
+
+        def send() -> None:
+            with contextlib.suppress(OSError):  # a server that refuses early stops reading
+                sock.sendall(request)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError as exc:
+            error = type(exc).__name__
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # ends a send still in progress
+        sender.join(timeout=130)
+    return answer.split(b"\r\n")[0].decode() or error
+
+
+def bench_head_attacks(model: Path, args: argparse.Namespace) -> None:
+    if "slow-heads" in args.attacks:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if args.slow_connections > soft - 256:  # this process holds them all, beside its probes
+            raise SystemExit(
+                f"--slow-connections {args.slow_connections}: over this process's open-file limit {soft} - 256"
+            )
+        print(
+            f"\n== slow heads: {args.slow_connections} connections sending a request line, then a header line a "
+            f"second, those closed reopened once a second, {args.attack_seconds:.0f} s; servers under an open-file limit of "
+            f"{args.server_nofile}"
+        )
+        for name, http_args in SERVERS.items():
+            with head_attack_server(model, http_args, args.server_nofile) as (url, pid):
+                with Prober(url) as idle:
+                    time.sleep(2)
+                cpu = cpu_seconds(pid)
+                with Prober(url) as probe:
+                    stats = slow_heads(url, pid, args.slow_connections, args.attack_seconds)
+                cpu = cpu_seconds(pid) - cpu
+                peak = memory_mb(pid, "VmHWM")
+            print(f"{name}:")
+            print(f"  idle:         {idle.summary()}")
+            print(f"  under attack: {probe.summary()}")
+            print(
+                f"  server: {cpu:.1f} CPU s, peak RSS {peak:.0f} MB; "
+                + ", ".join(f"{k} {v}" for k, v in stats.items())
+            )
+    if "huge-heads" in args.attacks:
+        request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+        request += b"a" * (args.huge_head_mb << 20) + b"\r\n\r\n"
+        print(
+            f"\n== huge heads: requests with a {args.huge_head_mb} MB header one after another, for "
+            f"{args.attack_seconds:.0f} s and at least {args.huge_heads} of them"
+        )
+        for name, http_args in SERVERS.items():
+            with head_attack_server(model, http_args, None) as (url, pid):
+                cpu, start = cpu_seconds(pid), time.perf_counter()
+                answers: Counter = Counter()
+                with Prober(url) as probe:
+                    deadline = time.monotonic() + args.attack_seconds
+                    while time.monotonic() < deadline or answers.total() < args.huge_heads:
+                        answers[huge_head(url, request)] += 1
+                cpu, wall = cpu_seconds(pid) - cpu, time.perf_counter() - start
+                peak = memory_mb(pid, "VmHWM")
+            print(f"{name}:")
+            print(f"  under attack: {probe.summary()}")
+            print(
+                f"  server: {cpu:.1f} CPU s over {wall:.1f} s, peak RSS {peak:.0f} MB; answers: "
+                + ", ".join(f"{k} x{n}" for k, n in answers.items())
+            )
+
+
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
@@ -290,6 +513,20 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
     parser.add_argument("--clients", type=int, default=None, help="concurrent clients (8; 32 hostile ones)")
     parser.add_argument("--hostile", action="store_true", help="the hostile-load run instead (torch only)")
+    parser.add_argument(
+        "--attacks",
+        nargs="+",
+        choices=("uploads", "slow-heads", "huge-heads"),
+        default=["uploads", "slow-heads", "huge-heads"],
+        help="which hostile loads --hostile runs (default: all)",
+    )
+    parser.add_argument("--slow-connections", type=int, default=1500, help="slow-heads: connections held")
+    parser.add_argument("--attack-seconds", type=float, default=20.0, help="length of each head attack")
+    parser.add_argument(
+        "--server-nofile", type=int, default=1024, help="slow-heads: the servers' open-file limit"
+    )
+    parser.add_argument("--huge-heads", type=int, default=3, help="huge-heads: requests sent at least")
+    parser.add_argument("--huge-head-mb", type=int, default=100, help="huge-heads: MB in each header")
     parser.add_argument("--hostile-files", type=int, default=16, help="16 Mpx images per hostile request")
     parser.add_argument("--normal-clients", type=int, default=2, help="normal clients next to hostile ones")
     parser.add_argument("--seconds", type=float, default=10.0, help="length of the concurrent phase")
@@ -298,11 +535,13 @@ def main() -> None:
         "--threads", type=int, default=1, help="cores per forward pass, in-process and server"
     )
     args = parser.parse_args()
-    images, _ = load_features(args.images)
     if args.hostile:
         args.clients = 32 if args.clients is None else args.clients
-        bench_hostile(args.model, images, args)
+        if "uploads" in args.attacks:
+            bench_hostile(args.model, load_features(args.images)[0], args)
+        bench_head_attacks(args.model, args)
         return
+    images, _ = load_features(args.images)
     args.clients = 8 if args.clients is None else args.clients
     for backend in args.backends:
         bench_backend(backend, args.model if backend == "torch" else args.onnx, images, args)

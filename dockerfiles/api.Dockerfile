@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# HTTP API image: `uvicorn oracle_mnist.api:app` on port 8000, CPU only, no training or test stack.
+# HTTP API image: `uvicorn oracle_mnist.api:app` on port 8000 with the project's HTTP protocol (bounds on request
+# heads and open connections, oracle_mnist/server.py), CPU only, no training or test stack.
 #
 # Build (from the repository root):   docker build -f dockerfiles/api.Dockerfile -t oracle-mnist-api .
 # The model is not baked in: mount the trained files read-only and name one of them.
@@ -40,4 +41,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 # 0.0.0.0 inside the container only: the port is published to the host by `docker run -p`.
-CMD ["uvicorn", "oracle_mnist.api:app", "--host", "0.0.0.0", "--port", "8000"]
+# --http: plain uvicorn waits forever for a request head and parses one of any size (`oracle-mnist serve` is the
+# same command; this form keeps uvicorn's own options at hand).
+CMD ["uvicorn", "oracle_mnist.api:app", "--http", "oracle_mnist.server:HttpToolsProtocol", "--host", "0.0.0.0", "--port", "8000"]

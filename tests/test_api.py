@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import io
+import json
 import logging
 import os
+import re
 import socket
 import subprocess
+import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
@@ -18,10 +26,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from helpers import (
+    REPO,
     broken_model_copy,
     encode,
     free_port,
     png_header_only,
+    serve_command,
     serve_in_subprocess,
     uvicorn_command,
 )
@@ -528,3 +538,193 @@ def test_min_confidence_setting_from_the_environment_is_checked(model_file: Path
     app = create_app(Settings(model_path=model_file, min_confidence=1.0))
     with pytest.raises(OracleMnistError, match="min_confidence: expected a number"), TestClient(app):
         pass
+
+
+# --- the server's bounds on request heads and connections (`oracle-mnist serve`, oracle_mnist.server) --------
+
+
+def serve_argv(port: int) -> list[str]:
+    """`oracle-mnist serve` on 127.0.0.1:`port`, through the console script's module."""
+    return [sys.executable, "-m", "oracle_mnist.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+
+
+def image_argv(port: int) -> list[str]:
+    """The API image's CMD (dockerfiles/api.Dockerfile) with its host and port moved to 127.0.0.1:`port`."""
+    text = (REPO / "dockerfiles/api.Dockerfile").read_text(encoding="utf-8")
+    cmd = json.loads(re.findall(r"^CMD (\[.*\])$", text, re.MULTILINE)[-1])
+    assert cmd[0] == "uvicorn" and "0.0.0.0" in cmd and "8000" in cmd
+    moved = {"0.0.0.0": "127.0.0.1", "8000": str(port)}
+    return [sys.executable, "-m", "uvicorn", *(moved.get(arg, arg) for arg in cmd[1:])]
+
+
+def with_open_file_limit(argv: list[str], limit: int) -> list[str]:
+    """`argv` run with its open-file limit lowered to `limit`, so a test can exceed it with a few hundred
+    connections instead of tens of thousands."""
+    code = f"import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit})); "
+    return [sys.executable, "-c", code + "os.execv(sys.argv[1], sys.argv[1:])", *argv]
+
+
+@contextlib.contextmanager
+def serving(argv: Callable[[int], list[str]], env: dict[str, str]) -> Iterator[str]:
+    """The server `argv(port)` starts, on a free port, until the block ends; yields its base URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with serve_command(argv(port), f"{url}/health", env):
+        yield url
+
+
+def address(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    return parsed.hostname, parsed.port
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection; the socket's timeout bounds each wait, so a
+    connection the server leaves open fails the test with TimeoutError."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.fixture(scope="module")
+def guarded_server(model_file: Path) -> str:
+    """`oracle-mnist serve` with a 1 s head timeout and every other setting at its default."""
+    with serving(
+        serve_argv, {"ORACLE_MNIST_MODEL": str(model_file), "ORACLE_MNIST_HEAD_TIMEOUT": "1"}
+    ) as url:
+        yield url
+
+
+def test_head_and_connection_bounds_come_from_the_environment():
+    defaults = Settings.from_env({})
+    assert (defaults.head_timeout, defaults.head_bytes, defaults.connections) == (10, 65536, None)
+    env = {
+        "ORACLE_MNIST_HEAD_TIMEOUT": "3",
+        "ORACLE_MNIST_HEAD_BYTES": "8192",
+        "ORACLE_MNIST_CONNECTIONS": "50",
+    }
+    settings = Settings.from_env(env)
+    assert (settings.head_timeout, settings.head_bytes, settings.connections) == (3, 8192, 50)
+    for name in ("HEAD_TIMEOUT", "HEAD_BYTES", "CONNECTIONS"):
+        with pytest.raises(
+            OracleMnistError, match=f"ORACLE_MNIST_{name}: expected a positive integer, got '0'"
+        ):
+            Settings.from_env({f"ORACLE_MNIST_{name}": "0"})
+
+
+def test_serve_refuses_a_bad_bound_before_it_starts(monkeypatch, capsys):
+    from oracle_mnist import cli, server
+
+    monkeypatch.setenv("ORACLE_MNIST_HEAD_TIMEOUT", "soon")
+    server.limits_from_env.cache_clear()  # read once per process
+    try:
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["serve", "--port", str(free_port())])
+    finally:
+        server.limits_from_env.cache_clear()
+    assert exc.value.code == 1
+    assert (
+        "error: ORACLE_MNIST_HEAD_TIMEOUT: expected a positive integer, got 'soon'" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.slow
+def test_served_connections_that_send_no_complete_head_are_closed(guarded_server: str):
+    addr = address(guarded_server)
+    with (
+        socket.create_connection(addr, timeout=15) as silent,
+        socket.create_connection(addr, timeout=15) as request_line_only,
+    ):
+        request_line_only.sendall(b"GET /health HTTP/1.1\r\n")
+        assert read_until_closed(silent) == b""  # nothing came, so there is nothing to answer
+        answer = read_until_closed(request_line_only)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert answer.endswith(b'\r\n\r\n{"detail": "request head did not arrive within 1 s"}')
+
+
+def head_of(size: int) -> bytes:
+    """A GET /health head of exactly `size` bytes (request line, headers and the blank line)."""
+    start, end = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ", b"\r\n\r\n"
+    return start + b"a" * (size - len(start) - len(end)) + end
+
+
+def send_until_hung_up(sock: socket.socket, data: bytes) -> None:
+    with contextlib.suppress(OSError):  # the server answers and closes long before all of it is sent
+        sock.sendall(data)
+
+
+@pytest.mark.slow
+def test_served_multi_megabyte_head_gets_a_431_and_ordinary_requests_still_pass(guarded_server: str):
+    addr = address(guarded_server)
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (8 << 20) + b"\r\n\r\n"
+    with socket.create_connection(addr, timeout=30) as sock:
+        sender = threading.Thread(target=send_until_hung_up, args=(sock, huge))
+        sender.start()
+        answer = read_until_closed(sock)
+        sender.join(timeout=30)
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b'"request head (request line and headers) over the limit of 65536 bytes"' in answer
+    for size, status in ((65536, b"200"), (65537, b"431")):  # the limit is exact
+        with socket.create_connection(addr, timeout=30) as sock:
+            sock.sendall(head_of(size))
+            assert read_until_closed(sock).startswith(b"HTTP/1.1 " + status), size
+    # Untouched by the bounds: an upload many times the head limit (its head and the start of its body arrive
+    # in one read), pipelined requests, and a kept-alive connection idle for longer than the head timeout.
+    noise = encode(Image.effect_noise((700, 700), 60))
+    assert len(noise) > 4 * 65536
+    files = [("files", ("noise.png", noise, "image/png"))]
+    assert httpx.post(f"{guarded_server}/predict", files=files, timeout=30).status_code == 200
+    with socket.create_connection(addr, timeout=30) as sock:
+        sock.sendall(
+            b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /model HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert read_until_closed(sock).count(b"HTTP/1.1 200 OK\r\n") == 2
+    conn = http.client.HTTPConnection(*addr, timeout=30)
+    try:
+        for pause in (0, 1.5):  # 1.5 s: past the head timeout, within uvicorn's 5 s keep-alive
+            time.sleep(pause)
+            conn.request("GET", "/health")
+            assert conn.getresponse().read() == b'{"status":"ok","model":"resnet18","backend":"torch"}'
+    finally:
+        conn.close()
+
+
+@pytest.mark.slow
+def test_served_health_answers_while_slow_connections_outnumber_the_open_file_limit(model_file: Path):
+    limit, slow = 256, 300
+
+    def argv(port: int) -> list[str]:
+        return with_open_file_limit(serve_argv(port), limit)
+
+    # The default head timeout (10 s) outlasts the test: only the connection limit (half the open-file limit by
+    # default) can make room. Plain uvicorn runs out of files and hangs up on /health without an answer.
+    with serving(argv, {"ORACLE_MNIST_MODEL": str(model_file)}) as url, contextlib.ExitStack() as stack:
+        socks = []
+        for _ in range(slow):
+            socks.append(stack.enter_context(socket.create_connection(address(url), timeout=10)))
+            with contextlib.suppress(ConnectionResetError):  # already closed to make room for a newer one
+                socks[-1].sendall(b"GET /health HTTP/1.1\r\n")
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+        closed = sum(closed_by_server(sock) for sock in socks)
+    # The oldest waiting connections were closed to make room: at most `limit // 2` stayed open, /health's included.
+    assert closed >= slow + 1 - limit // 2
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # a 408, or b"": closed
+    except BlockingIOError:
+        return False  # open, nothing to read
+    except ConnectionResetError:
+        return True  # closed before its request line arrived
+    return True
+
+
+@pytest.mark.slow
+def test_api_image_command_serves_with_the_head_bounds(model_file: Path):
+    env = {"ORACLE_MNIST_MODEL": str(model_file), "ORACLE_MNIST_HEAD_TIMEOUT": "1"}
+    with serving(image_argv, env) as url, socket.create_connection(address(url), timeout=15) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408 ")

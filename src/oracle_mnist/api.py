@@ -13,6 +13,11 @@ Settings come from the environment, read once at start-up:
 | ORACLE_MNIST_THREADS          | 1 core per forward pass, as many passes as cores |
 | ORACLE_MNIST_BODY_TIMEOUT     | 60 s for a request body to arrive, else 408      |
 | ORACLE_MNIST_MIN_CONFIDENCE   | 0 (off): below it an answer is flagged "unsure"  |
+| ORACLE_MNIST_HEAD_TIMEOUT     | 10 s for a request head to arrive, else 408      |
+| ORACLE_MNIST_HEAD_BYTES       | 65536 bytes per request head, else 431           |
+| ORACLE_MNIST_CONNECTIONS      | 1000 open (at most half the open-file limit)     |
+
+The last three are bounds of the HTTP server, enforced by `oracle-mnist serve` (oracle_mnist.server).
 
 `GET /` is a page for people (static files shipped in the package, no CDN); `/docs` and `/redoc` serve their
 assets from the installed fastapi-offline package, so everything works without network access.
@@ -93,6 +98,11 @@ class Settings:
     body_timeout: int = 60
     # Answers whose (calibrated) probability is below this are flagged unsure; 0 flags none.
     min_confidence: float = 0.0
+    # Bounds on request heads and open connections, enforced by the server's HTTP protocol
+    # (oracle_mnist.server) before a request reaches the app; connections None: its default.
+    head_timeout: int = 10
+    head_bytes: int = 64 * 1024
+    connections: int | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,7 +111,8 @@ class Settings:
         if backend not in BACKENDS:
             raise OracleMnistError(f"{ENV}BACKEND: {backend!r} is not one of {list(BACKENDS)}")
         limits = {}
-        for name in ("max_files", "max_file_bytes", "max_pixels", "top_k", "threads", "body_timeout"):
+        names = ("max_files", "max_file_bytes", "max_pixels", "top_k", "threads", "body_timeout")
+        for name in (*names, "head_timeout", "head_bytes", "connections"):
             var = f"{ENV}{name.upper()}"
             if var not in env:
                 continue

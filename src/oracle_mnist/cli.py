@@ -1,6 +1,7 @@
 """`oracle-mnist COMMAND`: the one user-facing command (`oracle-mnist --help` lists the subcommands).
 
 predict  classify image files with a trained model
+serve    run the HTTP API, with bounds on request heads and connections (server.py)
 report   compare the results of two revisions as markdown with PNG plots (report.py)
 """
 
@@ -112,6 +113,19 @@ def _add_predict(commands: argparse._SubParsersAction) -> None:
     predict.set_defaults(run=run_predict)
 
 
+def _add_serve(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser(
+        "serve",
+        help="run the HTTP API",
+        description="Serve the HTTP API (oracle_mnist.api:app) under uvicorn, with bounds on request heads "
+        "(time and size) and on open connections that plain `uvicorn oracle_mnist.api:app` lacks. Settings "
+        "come from the ORACLE_MNIST_* environment variables (docs/serving.md).",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    serve.set_defaults(run=run_serve)
+
+
 def _add_report(commands: argparse._SubParsersAction) -> None:
     report = commands.add_parser(
         "report",
@@ -137,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_predict(commands)
+    _add_serve(commands)
     _add_report(commands)
     return parser
 
@@ -214,6 +229,13 @@ def run_predict(args: argparse.Namespace) -> int:
         print(json.dumps([{"file": json_name(path), **pred.to_dict()} for path, pred in pairs], indent=2))
     else:
         print("\n".join(format_text(path, pred) for path, pred in pairs))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from oracle_mnist.server import serve
+
+    serve(args.host, args.port)
     return 0
 
 
