@@ -1,6 +1,8 @@
 """The GCS remote for real, against gcp-storage-emulator on 127.0.0.1: a pushed result comes back on a fresh
 clone and reproduces nothing; a corrupted remote object is refused; a remote that stops answering fails
-clearly in bounded time. The session's shrunken pipeline (TEST_PARAMS) is pushed once for the module."""
+clearly in bounded time; a clone without credentials is refused in seconds off Google Cloud (NO_GCE_CHECK);
+a clone's own remote (`dvc remote add --local -d`) serves it without touching git. The session's shrunken
+pipeline (TEST_PARAMS) is pushed once for the module."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from configobj import ConfigObj
-from helpers import REPO, dvc, free_port, git, serve_command, write_params
+from helpers import REPO, QuietHandler, dvc, free_port, git, serve_command, serve_directory, write_params
 
 from oracle_mnist.fsutil import sha256_file
 from oracle_mnist.report import write_report
@@ -29,6 +32,8 @@ pytestmark = pytest.mark.slow
 REMOTE = "gcs"
 # fsspec hands FSSPEC_GS_<KWARG> to gcsfs: a per-request timeout, the one bound dvc-gs has on a silent remote.
 REQUEST_TIMEOUT_ENV = "FSSPEC_GS_REQUESTS_TIMEOUT"
+# What Google Cloud Storage answers an anonymous caller of a private bucket (a clone without credentials).
+ANONYMOUS_REFUSED = "Anonymous caller does not have storage.objects.list access"
 
 
 def committed_remote_url() -> tuple[str, str]:
@@ -254,3 +259,89 @@ def test_silent_remote_fails_clearly_in_bounded_time(origin: Path, tmp_path: Pat
     assert f"failed to connect to gs ({bucket}/{prefix}/" in proc.stderr, proc.stderr
     assert "failed to pull data from the cloud" in proc.stderr, proc.stderr
     assert not any((clone / out).exists() for out in cached)
+
+
+class RefusesAnonymous(QuietHandler):
+    """Every request gets GCS's 401 for an anonymous caller, as the team's bucket answers a stranger's clone."""
+
+    def refuse(self) -> None:
+        message = f"{ANONYMOUS_REFUSED} to the Google Cloud Storage bucket."
+        body = json.dumps({"error": {"code": 401, "message": message, "errors": [{"message": message}]}})
+        self.send_response(401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    do_GET = do_HEAD = do_POST = refuse
+
+
+def test_clone_without_credentials_fails_fast_off_google_cloud(origin: Path, tmp_path: Path) -> None:
+    """docs/remotes.md: off Google Cloud, NO_GCE_CHECK=true turns `dvc pull` without credentials into a quick,
+    plain refusal. Without it the Google libraries first look for a Compute Engine metadata server: against
+    the silent one below, 68 s before the same refusal (17 s where its host name does not resolve)."""
+    bound_s = 30
+    clone = tmp_path / "clone"
+    git(tmp_path, "clone", "-q", str(origin), clone.name)
+    # A listening socket that never accepts: a metadata address that swallows packets, as off Google Cloud.
+    with socket.socket() as silent, serve_directory(tmp_path, RefusesAnonymous) as bucket:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(128)
+        metadata = f"127.0.0.1:{silent.getsockname()[1]}"
+        # The path names Google's host: gcsfs then treats the endpoint as Google's own and looks for
+        # credentials as it does for the committed gs:// URL, metadata server included.
+        dvc(clone, "remote", "modify", "--local", REMOTE, "endpointurl", f"{bucket}storage.googleapis.com")
+        # No key file, no request timeout, and gcsfs's default features, as on a user's machine.
+        dropped = {"GOOGLE_APPLICATION_CREDENTIALS", REQUEST_TIMEOUT_ENV, "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+        env = {k: v for k, v in os.environ.items() if k not in dropped}
+        env |= {
+            "CLOUDSDK_CONFIG": str(tmp_path / "no-gcloud"),  # no `gcloud auth application-default login`
+            "GCE_METADATA_HOST": metadata,
+            "GCE_METADATA_IP": metadata,
+            "NO_GCE_CHECK": "true",
+        }
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "dvc", "pull"],
+                cwd=clone,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=bound_s,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"dvc pull without credentials still running after {bound_s} s")
+        elapsed = time.monotonic() - start
+
+    assert proc.returncode != 0
+    bucket_name, prefix = committed_remote_url()
+    assert f"ERROR: failed to connect to gs ({bucket_name}/{prefix}/" in proc.stderr, proc.stderr
+    assert ANONYMOUS_REFUSED in proc.stderr, proc.stderr
+    assert "failed to pull data from the cloud" in proc.stderr, proc.stderr
+    assert elapsed < bound_s
+
+
+def test_own_remote_for_one_clone_leaves_the_committed_config_alone(
+    origin: Path, emulator: Emulator, tmp_path: Path
+) -> None:
+    """docs/remotes.md, "Using your own remote": `dvc remote add --local -d` points a clone at other storage
+    (a folder here); push and pull go there, the team's remote is never asked (this test gives the second
+    clone no way to reach it), and git sees no change."""
+    storage = tmp_path / "storage"
+    first = fresh_clone(origin, tmp_path / "first", emulator.endpoint)
+    dvc(first, "pull")
+    dvc(first, "remote", "add", "--local", "-d", "mine", str(storage))
+    dvc(first, "push")
+    assert (storage / "files" / "md5").is_dir()
+
+    second = tmp_path / "second"
+    git(tmp_path, "clone", "-q", str(origin), second.name)
+    dvc(second, "remote", "add", "--local", "-d", "mine", str(storage))
+    dvc(second, "pull", timeout=120)
+    for path in lock_outs(origin):
+        assert tree_digest(second / path) == tree_digest(origin / path), path
+    assert "Data and pipelines are up to date." in dvc(second, "status").stdout
+    for clone in (first, second):
+        assert git(clone, "status", "--porcelain").stdout == ""
+        assert ConfigObj(str(clone / ".dvc" / "config"))["core"]["remote"] == REMOTE
