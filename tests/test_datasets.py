@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import json
 import os
+import re
 import shutil
 import threading
 import tracemalloc
@@ -334,6 +336,12 @@ def test_split_scans_and_convert_scans(tmp_path: Path):
     (tmp_path / "bad.json").write_text('[{"path": "x.png"}]')
     with pytest.raises(OracleMnistError, match=r"bad.json: not a scans manifest"):
         load_manifest(tmp_path / "bad.json", 10)
+    for escape in ("/etc/passwd", "../../secret.png", "big/../../x.png"):
+        (tmp_path / "escape.json").write_text(json.dumps([{"path": escape, "label": 0}]))
+        with pytest.raises(
+            OracleMnistError, match=rf"escape.json: path '{re.escape(escape)}' leads outside data/raw"
+        ):
+            load_manifest(tmp_path / "escape.json", 10)
 
 
 @contextlib.contextmanager

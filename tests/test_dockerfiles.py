@@ -191,10 +191,22 @@ def test_the_cpu_lock_leaves_out_only_what_torch_uses_on_a_gpu(cpu_lock: str):
     }
     kept = locked_names(cpu_lock)
     assert {"torch", "torchvision", "timm", "onnxruntime", "dvc", "pytest", "nvidia-cudnn-cu13"} <= kept
-    # Installable with --require-hashes: every requirement keeps its hashes, and nothing else is in the file.
-    blocks = re.split(r"\n(?=[A-Za-z0-9])", cpu_lock.strip())
-    assert len(blocks) == len(kept)
-    assert all(re.search(r"--hash=sha256:[0-9a-f]{64}", block) for block in blocks)
+    # Installable with --require-hashes: every kept requirement has the lock's version and all of its hashes.
+    lock = pins((REPO / "requirements.txt").read_text(encoding="utf-8"))
+    assert pins(cpu_lock) == {name: lock[name] for name in kept}
+
+
+def pins(text: str) -> dict[str, tuple[str, frozenset[str]]]:
+    """name -> (the pinned requirement, its hashes), from a hash-pinned requirements file."""
+    blocks = re.split(r"\n(?=[A-Za-z0-9])", text.strip())
+    return {
+        block.split("==")[0].lower(): (
+            block.split()[0],
+            frozenset(re.findall(r"--hash=sha256:([0-9a-f]{64})", block)),
+        )
+        for block in blocks
+        if "==" in block.split("\n")[0]
+    }
 
 
 def test_lock_subset_cpu_refuses_a_lock_without_the_packages_it_drops(tmp_path: Path):

@@ -367,4 +367,8 @@ def load_manifest(path: Path, num_classes: int) -> list[tuple[str, int]]:
     bad = [name for name, label in items if not 0 <= label < num_classes]
     if bad:
         raise OracleMnistError(f"{path}: label outside the {num_classes} classes for {bad[0]}")
+    # prepare writes paths inside data/raw; an edited manifest must not make featurize read files elsewhere.
+    outside = [name for name, _ in items if Path(name).is_absolute() or ".." in Path(name).parts]
+    if outside:
+        raise OracleMnistError(f"{path}: path {outside[0]!r} leads outside data/raw")
     return items
