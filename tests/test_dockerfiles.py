@@ -150,10 +150,6 @@ def test_build_context_leaves_out_data_models_and_git():
     assert {".git", "data/", "models/", ".dvc/cache"} <= set(ignored)
 
 
-def locked_names(text: str) -> set[str]:
-    return {m.lower() for m in re.findall(r"^([A-Za-z0-9][\w.-]*)==", text, flags=re.M)}
-
-
 @pytest.fixture(scope="module")
 def cpu_lock() -> str:
     """The output of the README's CPU-install command (its `lock_subset.py --cpu` line), run as written."""
@@ -176,7 +172,7 @@ def cpu_lock() -> str:
 
 
 def gpu_only(cpu_lock: str) -> set[str]:
-    return locked_names((REPO / "requirements.txt").read_text(encoding="utf-8")) - locked_names(cpu_lock)
+    return set(pins((REPO / "requirements.txt").read_text(encoding="utf-8"))) - set(pins(cpu_lock))
 
 
 def test_the_cpu_lock_leaves_out_only_what_torch_uses_on_a_gpu(cpu_lock: str):
@@ -189,7 +185,7 @@ def test_the_cpu_lock_leaves_out_only_what_torch_uses_on_a_gpu(cpu_lock: str):
         "nvidia-cusolver",
         "nvidia-nvtx",
     }
-    kept = locked_names(cpu_lock)
+    kept = set(pins(cpu_lock))
     assert {"torch", "torchvision", "timm", "onnxruntime", "dvc", "pytest", "nvidia-cudnn-cu13"} <= kept
     # Installable with --require-hashes: every kept requirement has the lock's version and all of its hashes.
     lock = pins((REPO / "requirements.txt").read_text(encoding="utf-8"))
