@@ -4,7 +4,7 @@
 
 Each variant is installed the way the README says (the lock with its hashes, then the project with --no-deps)
 into a new venv in a temporary folder, checked by running the model, engine, export and inference tests inside
-it (the fast ones), measured (bytes of regular files, by what they belong to) and deleted. The install reads
+it (slow ones included), measured (bytes of regular files, by what they belong to) and deleted. The install reads
 the lock's wheels from pip's configured sources; it takes minutes and about 6.5 GB of disk per variant.
 """
 

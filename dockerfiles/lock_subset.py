@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 # Triton compiles GPU kernels (torch.compile, on CUDA); cuda-python and the CUDA toolkit's solver and NVTX
-# annotation libraries are opened only when a GPU runs. 1.1 GB of the lock's 6.3 GB install.
+# annotation libraries are opened only when a GPU runs. 1.2 GB of the lock's 6.6 GB install (bench/install.py).
 GPU_ONLY = ("triton", "cuda-bindings", "cuda-pathfinder", "cuda-toolkit", "nvidia-cusolver", "nvidia-nvtx")
 
 
